@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install vetd (the package, /etc/vetd, the systemd unit) and run it in the foreground on the
+# shipped default configuration. Ctrl-C stops it; the kernel then lets every open through.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then echo "install-and-run: run as root (vetd holds fanotify events)" >&2; exit 1; fi
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore .
+bindir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+for cmd in vetd vetctl; do
+    [ -e "/usr/local/bin/$cmd" ] || ln -s "$bindir/$cmd" "/usr/local/bin/$cmd"
+done
+install -d -m 0755 /etc/vetd /etc/vetd/hashes.d
+[ -e /etc/vetd/vetd.toml ] || install -m 0644 conf/vetd.toml /etc/vetd/vetd.toml
+[ -e /etc/vetd/hashes.d/deny.sha256 ] || install -m 0644 conf/hashes.d/deny.sha256 /etc/vetd/hashes.d/
+install -m 0644 systemd/vetd.service /etc/systemd/system/vetd.service
+/usr/local/bin/vetd --check-config --config /etc/vetd/vetd.toml
+exec /usr/local/bin/vetd --config /etc/vetd/vetd.toml "$@"

@@ -1,0 +1,223 @@
+"""The pure decision core, without the kernel: globs, config, exclusions, cache, verdicts, mounts."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from vetd import config as cfg, fanotify as fan
+from vetd.cache import VerdictCache
+from vetd.exclusions import FILETYPE, OP, OUTSIDE_WATCH, PATH, PROCESS, Exclusions
+from vetd.globs import GlobError, GlobSet, glob_match
+from vetd.mounts import containing_mount, parse_mountinfo, plan_marks
+from vetd.scanning import combine
+from vetd.sdk import Verdict
+from vetd_plugins.hashlist import parse_list
+
+
+# --- globs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern,path,expected", [
+    ("/var/www/**", b"/var/www/html/index.html", True),
+    ("/var/www/**", b"/var/www", False),
+    ("/var/www/", b"/var/www/a", True),
+    ("/var/*/x", b"/var/www/x", True),
+    ("/var/*/x", b"/var/a/b/x", False),
+    ("/var/**/x", b"/var/x", True),
+    ("/var/**/x", b"/var/a/b/x", True),
+    ("/tmp/*.so", b"/tmp/lib.so", True),
+    ("/tmp/*.so", b"/tmp/d/lib.so", False),
+    ("/tmp/?", b"/tmp/a", True),
+    ("/tmp/[!a]", b"/tmp/a", False),
+    ("/tmp/[!a]", b"/tmp/b", True),
+    ("/tmp/[!a]", b"/tmp//", False),
+    ("/srv/**", b"/srv/\xff\xfe\n", True),
+])
+def test_glob_semantics(pattern, path, expected):
+    assert glob_match(pattern, path) is expected
+
+
+@pytest.mark.parametrize("bad", ["relative/*", "/a/**b", "/a/[bc", "/a/[z-a]"])
+def test_bad_globs_are_refused(bad):
+    with pytest.raises(GlobError):
+        GlobSet.compile([bad])
+
+
+@given(st.lists(st.text(alphabet="abc", min_size=1, max_size=4), min_size=1, max_size=5))
+def test_double_star_matches_any_depth(parts):
+    path = ("/top/" + "/".join(parts)).encode()
+    assert glob_match("/top/**", path)
+    assert glob_match("/top/**/" + parts[-1], path)
+    assert not glob_match("/other/**", path)
+
+
+# --- config ---------------------------------------------------------------------------------------
+def test_defaults_parse():
+    c = cfg.parse("")
+    assert c.daemon.watch == ("/",) and c.scan.on_timeout == "allow" and "proc" in c.exclude.fs_types
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[daemon]\nwatchh = []", "[daemon] unknown key(s): watchh"),
+    ("[scan]\nworkers = 'x'", "[scan] workers: expected an integer"),
+    ("[scan]\nworkers = true", "[scan] workers: expected an integer, got a boolean"),
+    ("[scan]\non_timeout = 'maybe'", "[scan] on_timeout: must be one of allow, deny"),
+    ("[daemon]\nwatch = ['rel']", "not an absolute path"),
+    ("[daemon]\ndeny_errno = 'ENOPE'", "not an errno name"),
+    ("[exclude]\npaths = ['/a/**b']", "[exclude] paths"),
+    ("[exclude]\nuids = ['no-such-user-here']", "no such user"),
+    ("[nosuch]\n", "unknown section"),
+    ("[daemon\n", "not valid TOML"),
+    ("[scan]\nmax_size = '12 parsecs'", "[scan] max_size"),
+])
+def test_bad_config_names_file_key_and_reason(text, needle):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.parse(text, "/etc/vetd/x.toml")
+    assert "/etc/vetd/x.toml" in str(e.value) and needle in str(e.value)
+
+
+def test_sizes_and_uids():
+    c = cfg.parse("[scan]\nmax_size = '64MiB'\n[exclude]\nuids = ['root', 7]")
+    assert c.scan.max_size == 64 << 20 and c.exclude.uids == frozenset({0, 7})
+
+
+def test_unreadable_config_is_a_clear_error(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load(str(tmp_path / "missing.toml"))
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(cfg.ConfigError, match="not UTF-8"):
+        cfg.load(str(tmp_path / "bin.toml"))
+
+
+# --- exclusions -----------------------------------------------------------------------------------
+class Facts:
+    def __init__(self, exe=b"/usr/bin/cat", comm="cat", uid=1000, regular=True, path=b"/srv/a"):
+        self.exe, self.comm, self.uid, self.is_regular, self.path = exe, comm, uid, regular, path
+
+
+def excl(text: str, scope=()) -> Exclusions:
+    return Exclusions(cfg.parse(text).exclude, scope)
+
+
+def test_exclusion_layers_in_order():
+    e = excl("[exclude]\nops=['exec']\nexe=['/usr/sbin/backup']\ncomm=['rsync']\nuids=[33]\n"
+             "paths=['/srv/cache/**']\n")
+    f = Facts()
+    assert e.check("exec", f, f) is OP
+    assert e.check("open", f, Facts(regular=False)) is FILETYPE
+    assert e.check("open", Facts(exe=b"/usr/sbin/backup"), f) is PROCESS
+    assert e.check("open", Facts(comm="rsync"), f) is PROCESS
+    assert e.check("open", Facts(uid=33), f) is PROCESS
+    assert e.check("open", f, Facts(path=b"/srv/cache/x")) is PATH
+    assert e.check("open", f, f) is None
+    assert PROCESS.subject_dependent and not PATH.subject_dependent
+
+
+def test_only_paths_scope_and_unknown_paths():
+    e = excl("[exclude]\nonly_paths=['/srv/**']", scope=(b"/srv", b"/home"))
+    assert e.check("open", Facts(), Facts(path=b"/srv/x")) is None
+    assert e.check("open", Facts(), Facts(path=b"/home/x")) is PATH
+    assert e.check("open", Facts(), Facts(path=b"/etc/x")) is OUTSIDE_WATCH
+    assert e.check("open", Facts(), Facts(path=None)) is None  # unknown: decide, never skip
+
+
+def test_subject_is_not_read_when_no_process_exclusion():
+    class Boom:
+        @property
+        def exe(self):
+            raise AssertionError("exe read")
+        comm = uid = exe
+    assert excl("").check("open", Boom(), Facts()) is None
+
+
+# --- cache ----------------------------------------------------------------------------------------
+def test_cache_hits_only_the_same_version_and_generation():
+    c = VerdictCache(10)
+    c.store((1, 2), (10, 20, 30), Verdict.allow(), c.generation)
+    assert c.lookup((1, 2), (10, 20, 30)) is not None
+    assert c.lookup((1, 2), (10, 21, 30)) is None
+    c.bump_generation()
+    assert c.lookup((1, 2), (10, 20, 30)) is None
+    c.store((1, 2), (10, 20, 30), Verdict.allow(), c.generation - 1)  # a scan from before a reload
+    assert c.lookup((1, 2), (10, 20, 30)) is None
+    c.store((1, 3), (1, 1, 1), Verdict.deny("x", cacheable=False), c.generation)
+    assert c.lookup((1, 3), (1, 1, 1)) is None
+    assert c.hits == 1 and c.misses == 4
+
+
+def test_cache_is_bounded_lru_and_invalidates():
+    c = VerdictCache(2)
+    for i in range(3):
+        c.store((0, i), (0, 0, 0), Verdict.allow(), c.generation)
+    assert len(c) == 2 and c.lookup((0, 0), (0, 0, 0)) is None
+    c.invalidate((0, 2))
+    assert c.lookup((0, 2), (0, 0, 0)) is None
+
+
+def test_cache_ttl_expires(monkeypatch):
+    import vetd.cache as vc
+    now = [100.0]
+    monkeypatch.setattr(vc.time, "monotonic", lambda: now[0])
+    c = VerdictCache(4)
+    c.store((0, 1), (0, 0, 0), Verdict.allow(ttl_s=5), c.generation)
+    assert c.lookup((0, 1), (0, 0, 0)) is not None
+    now[0] += 6
+    assert c.lookup((0, 1), (0, 0, 0)) is None
+
+
+# --- verdicts -------------------------------------------------------------------------------------
+def test_deny_wins_and_cacheability_is_the_weakest():
+    v = combine([Verdict.allow(), Verdict.deny("sig", ttl_s=9), Verdict.allow(cacheable=False)])
+    assert v.denied and v.reason == "sig" and not v.cacheable and v.ttl_s == 9
+    assert not combine([]).denied
+
+
+# --- mounts ---------------------------------------------------------------------------------------
+MOUNTINFO = b"""\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+23 22 0:21 / /proc rw,nosuid - proc proc rw
+24 22 0:30 / /srv/www rw - tmpfs tmpfs rw
+25 24 0:31 / /srv/www/up\\040load rw - xfs /dev/sdb rw
+26 22 8:1 /data /mnt/bind rw - ext4 /dev/sda1 rw
+"""
+
+
+def test_mountinfo_parsing_unescapes_names():
+    ms = parse_mountinfo(MOUNTINFO + b"garbage line\n")
+    assert [m.mount_point for m in ms][-2] == b"/srv/www/up load"
+    assert ms[0].dev == os.makedev(8, 1) and ms[1].fstype == "proc"
+    assert containing_mount(ms, b"/srv/www/a").mount_point == b"/srv/www"
+
+
+def test_mark_plan_dedups_filesystems_skips_excluded_and_scopes_directories():
+    ms = parse_mountinfo(MOUNTINFO)
+    plan = plan_marks(ms, ["/"], ["proc"])
+    assert sorted(m.fstype for m in plan.mounts) == ["ext4", "tmpfs", "xfs"]
+    assert [m.fstype for m in plan.skipped] == ["proc"] and plan.scope == ()
+    plan = plan_marks(ms, ["/srv/www"], ["xfs"])
+    assert [m.fstype for m in plan.mounts] == ["tmpfs"] and plan.scope == ()
+    plan = plan_marks(ms, ["/srv"], [])
+    assert plan.scope == (b"/srv",)
+
+
+# --- binding codecs -------------------------------------------------------------------------------
+def test_event_parsing_reads_pidfd_info_records():
+    meta = struct.pack("=IBBHQii", 24 + 8, 3, 0, 24, fan.FAN_OPEN_PERM, 7, 1234)
+    info = struct.pack("=BBHi", fan.FAN_EVENT_INFO_TYPE_PIDFD, 0, 8, 9)
+    plain = struct.pack("=IBBHQii", 24, 3, 0, 24, fan.FAN_CLOSE_WRITE, 8, 99)
+    evs = fan.parse_events(meta + info + plain)
+    assert [(e.fd, e.pid, e.pidfd, e.is_permission) for e in evs] == [(7, 1234, 9, True), (8, 99, -1, False)]
+    assert fan.deny_errno_response(5) == (5 << 24) | fan.FAN_DENY
+
+
+# --- hash lists -----------------------------------------------------------------------------------
+def test_hash_list_format_and_errors():
+    h = "a" * 64
+    assert parse_list(f"# c\n{h}  *binary-name\n", "x") == {h: "binary-name"}
+    assert parse_list(f"{h.upper()}\n", "x") == {h: h[:12]}
+    assert parse_list(f"{h}  name\n", "x") == {h: "name"}
+    from vetd.sdk import PluginConfigError
+    with pytest.raises(PluginConfigError, match="x:2"):
+        parse_list(f"{h}\nnot-a-hash\n", "x")

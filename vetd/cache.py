@@ -1,0 +1,89 @@
+"""The userspace verdict cache: what a scan decided about one version of one file.
+
+Keyed on the file's identity (st_dev, st_ino) and checked against its version (mtime_ns,
+ctime_ns, size) and the scanner generation, so an entry goes stale by itself when the file
+changes or the signatures are reloaded; close-write events drop entries early. Bounded LRU
+(cachetools) so memory stays flat whatever the tree size.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from .sdk import Verdict
+
+FileKey = tuple[int, int]
+FileVersion = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    version: FileVersion
+    generation: int
+    verdict: Verdict
+    expires: float | None  # monotonic seconds, from the verdict's ttl
+
+
+class VerdictCache:
+    """Thread-safe: workers store, the read loop looks up. The lock is held for a dict operation."""
+
+    def __init__(self, entries: int):
+        self._lru: LRUCache[FileKey, Entry] | None = LRUCache(maxsize=entries) if entries else None
+        self._lock = threading.Lock()
+        self.generation = 1
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._lru) if self._lru is not None else 0
+
+    def lookup(self, key: FileKey, version: FileVersion) -> Verdict | None:
+        lru = self._lru
+        if lru is None:
+            self.misses += 1
+            return None
+        with self._lock:
+            entry = lru.get(key)
+        if (entry is None or entry.version != version or entry.generation != self.generation
+                or (entry.expires is not None and entry.expires < time.monotonic())):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry.verdict
+
+    def store(self, key: FileKey, version: FileVersion, verdict: Verdict, generation: int) -> None:
+        """Store a verdict computed under `generation`; a result from before a reload is dropped."""
+        if self._lru is None or not verdict.cacheable or generation != self.generation:
+            return
+        expires = time.monotonic() + verdict.ttl_s if verdict.ttl_s is not None else None
+        with self._lock:
+            self._lru[key] = Entry(version, generation, verdict, expires)
+
+    def invalidate(self, key: FileKey) -> None:
+        if self._lru is not None:
+            with self._lock:
+                self._lru.pop(key, None)
+
+    def bump_generation(self) -> int:
+        """Signatures or policy changed: every entry is stale from now on."""
+        with self._lock:
+            self.generation += 1
+            if self._lru is not None:
+                self._lru.clear()
+        return self.generation
+
+    def resize(self, entries: int) -> None:
+        with self._lock:
+            old = self._lru
+            self._lru = LRUCache(maxsize=entries) if entries else None
+            if old is not None and self._lru is not None:
+                for k, v in list(old.items())[-entries:]:
+                    self._lru[k] = v
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0

@@ -1,0 +1,552 @@
+"""The daemon: the read loop that holds permission events and answers every one, on time.
+
+The loop thread reads batches from the fanotify group, decides what it can at once (own
+processes, exclusions, cached verdicts) and hands the rest to scan workers with a deadline. The
+loop never waits for a worker: an expired deadline, a full backlog or an exception is answered
+by the configured policy from here. The loop thread must never open a watched file: reloads,
+plugin loading and the control socket live on other threads, whose opens the loop allows
+because they come from vetd's own pid.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import __version__, failpoints, fanotify as fan, mounts, plugins as plugin_loader
+from .cache import VerdictCache
+from .config import Config, load as load_config
+from .control import ControlServer
+from .exclusions import Exclusions
+from .logsetup import format_exception_safely, set_level
+from .model import FileObject, Subject
+from .notify import Notifier
+from .scanning import PluginStats, ScanPool, run_plugins
+from .sdk import Opener, Plugin, ScanFile, Verdict
+
+log = logging.getLogger("vetd")
+
+OPS = ((fan.FAN_OPEN_EXEC_PERM, "exec"), (fan.FAN_OPEN_PERM, "open"), (fan.FAN_ACCESS_PERM, "access"))
+EVENT_BITS = {"open": fan.FAN_OPEN_PERM, "exec": fan.FAN_OPEN_EXEC_PERM, "access": fan.FAN_ACCESS_PERM}
+
+
+def op_of(mask: int) -> str:
+    for bit, name in OPS:
+        if mask & bit:
+            return name
+    return "other"
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything a decision reads, swapped whole on reload."""
+
+    config: Config
+    exclusions: Exclusions
+    plugins: tuple[Plugin, ...]
+    generation: int
+    perm_mask: int
+    deny_response: int
+    deadline_s: float
+    loaded_at: float = field(default_factory=time.time)
+
+
+class Pending:
+    """One permission event between intake and answer."""
+
+    __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
+                 "handed_off")
+
+    def __init__(self, ev: fan.Event, state: State):
+        self.fd = ev.fd
+        self.pidfd = ev.pidfd
+        self.mask = ev.mask
+        self.op = op_of(ev.mask)
+        self.obj = FileObject(ev.fd)
+        self.subject = Subject(ev.pid, ev.pidfd)
+        self.state = state
+        self.deadline = 0.0
+        self.answered = False
+        self.handed_off = False
+
+    def close(self) -> None:
+        for fd in (self.fd, self.pidfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.pidfd = -1
+
+
+class Stats:
+    """Counters shown by `vetctl status` and the service status line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seen = 0
+        self.permission = 0
+        self.notification = 0
+        self.allow = 0
+        self.deny = 0
+        self.by_reason: dict[str, int] = {}
+        self.degraded: dict[str, int] = {"timeout": 0, "error": 0, "backlog": 0, "too_big": 0}
+        self.kernel_marks = 0
+        self.overflows = 0
+
+    def answered(self, allow: bool, reason: str, degraded: str | None) -> None:
+        with self._lock:
+            if allow:
+                self.allow += 1
+            else:
+                self.deny += 1
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+            if degraded is not None:
+                self.degraded[degraded] = self.degraded.get(degraded, 0) + 1
+
+
+def build_state(config: Config, features: fan.Features, accepts_errno: Callable[[int], bool],
+                generation: int, scope: tuple[bytes, ...], plugins: tuple[Plugin, ...]) -> State:
+    perm = 0
+    for name in config.daemon.events:
+        if name == "exec" and not features.exec_perm:
+            continue
+        perm |= EVENT_BITS[name]
+    deny = fan.FAN_DENY
+    err = getattr(errno, config.daemon.deny_errno)
+    if err != errno.EPERM and features.deny_errno and accepts_errno(err):
+        deny = fan.deny_errno_response(err)
+    return State(config, Exclusions(config.exclude, scope), plugins, generation, perm, deny,
+                 config.scan.deadline_ms / 1000.0)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, reload_source: Callable[[], Config] | None = None):
+        self.started = time.monotonic()
+        self.config_path = config.path
+        self._reload_source = reload_source or (lambda: load_config(self.config_path))
+        self._watch_override: tuple[str, ...] | None = None
+        self.stats = Stats()
+        self.plugin_stats: dict[str, PluginStats] = {}
+        self.cache = VerdictCache(config.cache.entries)
+        self.own_pids = frozenset({os.getpid()})
+        self.notifier = Notifier()
+        self.stopping = False
+        self._answer_lock = threading.Lock()
+        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._seq = 0
+        self._reload_flag = False
+        self._reload_results: list[tuple[State | None, str, Future[str] | None]] = []
+        self._reload_lock = threading.Lock()
+        self._reloading = False
+        self.marked: dict[int, mounts.Mount] = {}
+        self.group = fan.Group.open()
+        log.info("fanotify %s", self.group.features.describe())
+        for note in self.group.features.notes:
+            log.warning("%s", note)
+        plugins = tuple(plugin_loader.load_all(config.plugins))
+        self.state = self._build_state(config, self.cache.generation, plugins)
+        self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
+        self.control = ControlServer(config.daemon.socket, {"status": self._status_cmd,
+                                                            "reload": self._reload_cmd})
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept for poll)
+
+    def _build_state(self, config: Config, generation: int, plugins: tuple[Plugin, ...]) -> State:
+        st = build_state(config, self.group.features, self.group.accepts_deny_errno, generation, (),
+                         plugins)
+        if config.daemon.deny_errno != "EPERM" and st.deny_response == fan.FAN_DENY:
+            log.warning("deny_errno = %s is not accepted by this kernel (it needs a pre-content "
+                        "group, 6.14+, and one of the errnos fanotify allows): openers will see EPERM",
+                        config.daemon.deny_errno)
+        return st
+
+    # ------------------------------------------------------------------ marks -------------------
+    def _sync_marks(self) -> None:
+        """Mark what the watch list covers now; drop marks no longer wanted. Runs on the loop
+        thread: fanotify_mark looks paths up but opens nothing."""
+        st = self.state
+        cfg = st.config.daemon
+        per_mount = cfg.mark == "mount"
+        kind = fan.FAN_MARK_MOUNT if per_mount else fan.FAN_MARK_FILESYSTEM
+        plan = mounts.plan_marks(mounts.read_mountinfo(), cfg.watch, st.config.exclude.fs_types, per_mount)
+        mask = st.perm_mask | fan.FAN_CLOSE_WRITE
+        wanted = {(m.mount_id if per_mount else m.dev): m for m in plan.mounts}
+        for key, m in list(self.marked.items()):
+            if key not in wanted:
+                try:
+                    self.group.unmark(m.mount_point, mask, kind=kind)
+                except OSError:
+                    pass  # gone with its mount
+                del self.marked[key]
+        for key, m in wanted.items():
+            if key in self.marked:
+                continue
+            try:
+                self.group.mark(m.mount_point, mask, kind=kind)
+            except OSError as e:
+                log.warning("cannot mark %s (%s): %s", os.fsdecode(m.mount_point), m.fstype, e.strerror)
+                continue
+            self.marked[key] = m
+            log.info("marked %s %s (%s)", "mount" if per_mount else "filesystem",
+                     os.fsdecode(m.mount_point), m.fstype)
+        if plan.scope != st.exclusions.scope:
+            self.state = replace(st, exclusions=Exclusions(st.config.exclude, plan.scope))
+
+    # ------------------------------------------------------------------ answers -----------------
+    def _answer(self, p: Pending, allow: bool, reason: str, degraded: str | None = None,
+                why: str = "") -> bool:
+        """Answer an event exactly once; False if it was answered already."""
+        with self._answer_lock:
+            if p.answered:
+                return False
+            p.answered = True
+        self.group.respond(p.fd, fan.FAN_ALLOW if allow else p.state.deny_response)
+        self.stats.answered(allow, reason, degraded)
+        if not allow:
+            log.warning("deny %s %s by %s: %s", p.op, p.obj.display_path, p.subject.describe(),
+                        why or reason)
+        elif degraded is not None:
+            log.warning("allow %s %s by %s (degraded: %s) %s", p.op, p.obj.display_path,
+                        p.subject.describe(), degraded, why)
+        return True
+
+    def _answer_by_policy(self, p: Pending, kind: str, why: str) -> None:
+        sc = p.state.config.scan
+        policy = {"timeout": sc.on_timeout, "error": sc.on_error, "backlog": sc.on_backlog,
+                  "too_big": sc.on_too_big}[kind]
+        self._answer(p, policy == "allow", "degraded", kind, why)
+
+    def _kernel_cache(self, p: Pending) -> None:
+        st = p.state
+        if st.config.daemon.kernel_cache and self.group.ignore_inode(p.fd, st.perm_mask):
+            self.stats.kernel_marks += 1
+
+    # ------------------------------------------------------------------ the hot path ------------
+    def _handle(self, ev: fan.Event) -> None:
+        if not ev.mask & fan.PERM_EVENTS:
+            self._notification(ev)
+            return
+        self.stats.permission += 1
+        if ev.fd < 0:
+            log.error("permission event without a file descriptor (mask %#x)", ev.mask)
+            return
+        if ev.pid in self.own_pids:
+            self.group.respond(ev.fd, fan.FAN_ALLOW)
+            self.stats.answered(True, "own", None)
+            os.close(ev.fd)
+            if ev.pidfd >= 0:
+                os.close(ev.pidfd)
+            return
+        p = Pending(ev, self.state)
+        try:
+            self._decide(p)
+        except Exception as e:
+            if not p.answered:
+                self._answer_by_policy(p, "error", f"{type(e).__name__}: {e}")
+            log.error("handling event: %s", format_exception_safely(e))
+        finally:
+            if not p.handed_off:
+                p.close()
+
+    def _decide(self, p: Pending) -> None:
+        failpoints.hit("decide")
+        st = p.state
+        obj = p.obj
+        excluded = st.exclusions.check(p.op, p.subject, obj)
+        if excluded is not None:
+            self._answer(p, True, "excluded")
+            return
+        verdict = self.cache.lookup(obj.key, obj.version)
+        if verdict is not None:
+            self._answer(p, not verdict.denied, "cache", why=verdict.reason)
+            if not verdict.denied:
+                self._kernel_cache(p)
+            return
+        if obj.stat.st_size > st.config.scan.max_size:
+            self._answer_by_policy(p, "too_big", f"{obj.stat.st_size} bytes > max_size")
+            return
+        if not st.plugins:
+            self.cache.store(obj.key, obj.version, Verdict.allow("no scanner"), st.generation)
+            self._answer(p, True, "scan")
+            self._kernel_cache(p)
+            return
+        p.deadline = time.monotonic() + st.deadline_s
+        p.handed_off = True
+        if not self.pool.submit(p):
+            p.handed_off = False
+            self._answer_by_policy(p, "backlog", f"{self.pool.depth} scans queued")
+            return
+        self._seq += 1
+        heapq.heappush(self._deadlines, (p.deadline, self._seq, p))
+
+    def _notification(self, ev: fan.Event) -> None:
+        self.stats.notification += 1
+        try:
+            if ev.mask & fan.FAN_Q_OVERFLOW:
+                self.stats.overflows += 1
+                log.error("fanotify queue overflow: notification events were lost; cache flushed")
+                self.cache.bump_generation()
+            elif ev.fd >= 0 and ev.mask & (fan.FAN_CLOSE_WRITE | fan.FAN_MODIFY):
+                st = os.fstat(ev.fd)
+                self.cache.invalidate((st.st_dev, st.st_ino))
+        finally:
+            if ev.fd >= 0:
+                os.close(ev.fd)
+            if ev.pidfd >= 0:
+                os.close(ev.pidfd)
+
+    # ------------------------------------------------------------------ workers -----------------
+    def _scan_job(self, job: object) -> None:
+        p = job  # type: ignore[assignment]
+        assert isinstance(p, Pending)
+        try:
+            if p.answered:  # expired while queued
+                return
+            st = p.state
+            obj = p.obj
+            sf = ScanFile(p.fd, obj.stat, obj.display_path)
+            result = run_plugins(st.plugins, sf, Opener(p.subject), self.plugin_stats)
+            if result.failures:
+                why = "; ".join(f"{name}: {err}" for name, err in result.failures)
+                log.error("scanner failure on %s: %s", obj.display_path, why)
+                if result.verdict.denied:
+                    self._answer(p, False, "scan", why=result.verdict.reason)
+                else:
+                    self._answer_by_policy(p, "error", why)
+                return
+            verdict = result.verdict
+            self.cache.store(obj.key, obj.version, verdict, st.generation)
+            if self._answer(p, not verdict.denied, "scan",
+                            why=f"{verdict.plugin}: {verdict.reason}") and not verdict.denied \
+                    and verdict.cacheable and verdict.ttl_s is None:
+                self._kernel_cache(p)
+        except Exception as e:
+            if not p.answered:
+                self._answer_by_policy(p, "error", f"{type(e).__name__}: {e}")
+            log.error("scan job: %s", format_exception_safely(e))
+        finally:
+            p.close()
+
+    def _expire(self, now: float) -> None:
+        dl = self._deadlines
+        while dl and (dl[0][2].answered or dl[0][0] <= now):
+            _, _, p = heapq.heappop(dl)
+            if not p.answered:
+                self._answer_by_policy(p, "timeout", f"no verdict within {p.state.deadline_s:g}s")
+
+    # ------------------------------------------------------------------ reload ------------------
+    def request_reload(self, done: Future[str] | None = None) -> None:
+        """Build the new state on a thread of its own (it opens files), then hand it to the loop."""
+        with self._reload_lock:
+            if self._reloading:
+                if done is not None:
+                    done.set_exception(RuntimeError("a reload is already running"))
+                return
+            self._reloading = True
+        self.notifier.reloading()
+        threading.Thread(target=self._reload_worker, args=(done,), name="vetd-reload", daemon=True).start()
+
+    def _reload_worker(self, done: Future[str] | None) -> None:
+        new: State | None = None
+        try:
+            cfg = self._reload_source()
+            if self._watch_override is not None:
+                cfg = cfg.with_watch(self._watch_override)
+            plugins = tuple(plugin_loader.load_all(cfg.plugins))
+            new = self._build_state(cfg, 0, plugins)
+            msg = f"reloaded {cfg.path}"
+        except Exception as e:
+            msg = f"reload failed, keeping the running configuration: {e}"
+        with self._reload_lock:
+            self._reload_results.append((new, msg, done))
+        os.write(self._wake_w, b"r")
+
+    def _apply_reloads(self) -> None:
+        with self._reload_lock:
+            results, self._reload_results = self._reload_results, []
+        for new, msg, done in results:
+            if new is None:
+                log.error("%s", msg)
+            else:
+                old = self.state
+                gen = self.cache.bump_generation()
+                if new.config.cache.entries != old.config.cache.entries:
+                    self.cache.resize(new.config.cache.entries)
+                self.state = replace(new, generation=gen, exclusions=Exclusions(
+                    new.config.exclude, old.exclusions.scope))
+                set_level(new.config.daemon.log_level)
+                self.pool.resize(new.config.scan.workers)
+                self.group.flush_ignores()
+                self._sync_marks()
+                self.config_path = new.config.path
+                threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+                log.info("%s (generation %d)", msg, gen)
+            with self._reload_lock:
+                self._reloading = False
+            self.notifier.ready(self.status_line())
+            if done is not None:
+                if new is None:
+                    done.set_exception(RuntimeError(msg))
+                else:
+                    done.set_result(msg)
+
+    def _retire(self, old: State) -> None:
+        """Close replaced plugins once scans that may still use them have had their deadline."""
+        time.sleep(old.deadline_s + 1.0)
+        for plugin in old.plugins:
+            try:
+                plugin.close()
+            except Exception as e:
+                log.error("closing plugin %s: %s", plugin.name, e)
+
+    # ------------------------------------------------------------------ control -----------------
+    def _reload_cmd(self, args: dict[str, Any]) -> str:
+        done: Future[str] = Future()
+        self.request_reload(done)
+        return done.result(timeout=60)
+
+    def status(self) -> dict[str, Any]:
+        st, s = self.state, self.stats
+        f = self.group.features
+        return {
+            "version": __version__,
+            "mode": "enforcing",
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "config": {"path": st.config.path, "generation": st.generation,
+                       "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.loaded_at))},
+            "features": {k: getattr(f, k) for k in ("pre_content", "report_pidfd", "deny_errno",
+                                                      "evictable_ignore", "exec_perm", "audit")},
+            "marks": [{"path": os.fsdecode(m.mount_point), "fstype": m.fstype,
+                       "kind": st.config.daemon.mark} for m in self.marked.values()],
+            "events": {"seen": s.seen, "permission": s.permission, "notification": s.notification,
+                       "overflows": s.overflows},
+            "answers": {"allow": s.allow, "deny": s.deny, "by_reason": dict(s.by_reason)},
+            "cache": {"entries": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
+                      "hit_rate": round(self.cache.hit_rate(), 4), "kernel_marks": s.kernel_marks,
+                      "generation": self.cache.generation},
+            "degraded": dict(s.degraded),
+            "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,
+                        "in_flight": sum(1 for d in list(self._deadlines) if not d[2].answered),
+                        "workers": self.pool.workers},
+            "plugins": [{"name": p.name, "scans": self.plugin_stats.get(p.name, PluginStats()).scans,
+                         "denies": self.plugin_stats.get(p.name, PluginStats()).denies,
+                         "errors": self.plugin_stats.get(p.name, PluginStats()).errors}
+                        for p in st.plugins],
+        }
+
+    def _status_cmd(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    def status_line(self) -> str:
+        s = self.stats
+        degraded = sum(s.degraded.values())
+        return (f"{s.permission} events: {s.allow} allowed, {s.deny} denied, {degraded} degraded; "
+                f"cache {self.cache.hit_rate():.0%} hits, {s.kernel_marks} kernel marks; "
+                f"backlog {self.pool.depth}")
+
+    # ------------------------------------------------------------------ the loop ----------------
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_flag = True
+        else:
+            self.stopping = True
+
+    def run(self, watch_override: tuple[str, ...] | None = None) -> int:
+        self._watch_override = watch_override
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.control.start()
+        self._sync_marks()
+        if not self.marked:
+            log.warning("no filesystem is marked: nothing will be vetted (check [daemon] watch)")
+        self.notifier.ready(self.status_line())
+        log.info("vetd %s ready: %d filesystem(s) marked, %d plugin(s): %s", __version__,
+                 len(self.marked), len(self.state.plugins),
+                 ", ".join(p.name for p in self.state.plugins) or "none")
+        try:
+            self._loop()
+        finally:
+            self.notifier.stopping()
+            log.info("stopping: answering what is pending, then closing the group "
+                     "(the kernel allows what arrives after)")
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        gfd = self.group.fd
+        poller.register(gfd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._mountinfo.fileno(), select.POLLPRI | select.POLLERR)
+        watchdog_s = self.notifier.watchdog_interval()
+        status_s = self.state.config.daemon.status_interval_s
+        next_watchdog = next_status = time.monotonic()
+        while not self.stopping:
+            try:
+                now = time.monotonic()
+                wake_at = min(next_watchdog, next_status)
+                if self._deadlines:
+                    wake_at = min(wake_at, self._deadlines[0][0])
+                timeout_ms = max(0, int((wake_at - now) * 1000) + 1)
+                ready = poller.poll(timeout_ms)
+                for fd, _mask in ready:
+                    if fd == gfd:
+                        for _ in range(16):  # bounded: deadlines and the watchdog get their turn
+                            events = self.group.read()
+                            if not events:
+                                break
+                            self.stats.seen += len(events)
+                            for ev in events:
+                                self._handle(ev)
+                    elif fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._sync_marks()  # mount table changed
+                now = time.monotonic()
+                self._expire(now)
+                if self._reload_flag:
+                    self._reload_flag = False
+                    self.request_reload()
+                if self._reload_results:
+                    self._apply_reloads()
+                if now >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = now + watchdog_s
+                if now >= next_status:
+                    self.notifier.status(self.status_line())
+                    next_status = now + status_s
+            except Exception as e:  # the loop must outlive anything one iteration does
+                log.error("read loop: %s", format_exception_safely(e))
+                time.sleep(0.01)
+
+    def _shutdown(self) -> None:
+        # Answer what the workers still hold by the timeout policy: the kernel would allow them
+        # when the group closes anyway, but an answer says so in the log and the counters.
+        while self._deadlines:
+            _, _, p = heapq.heappop(self._deadlines)
+            if not p.answered:
+                self._answer_by_policy(p, "timeout", "vetd is stopping")
+        self.pool.stop()
+        self.control.stop()
+        self.group.close()
+        for plugin in self.state.plugins:
+            try:
+                plugin.close()
+            except Exception as e:
+                log.error("closing plugin %s: %s", plugin.name, e)

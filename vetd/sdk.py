@@ -1,0 +1,175 @@
+"""The vetd plugin SDK: the public, versioned contract between vetd and a scanner.
+
+A plugin is a class found through the `vetd.plugins` entry-point group. vetd builds it once per
+configuration with its own TOML table, then calls `scan(file, opener)` on worker threads for
+files that no exclusion, rule or cached verdict already decided. The file is reachable only
+through the event's file descriptor: a plugin must never open the path, which would raise a new
+permission event (and, in the worst case, wait for itself).
+
+Versioning: API_VERSION is "MAJOR.MINOR". A plugin declares the version it was written for;
+vetd loads it when the majors match and the plugin's minor is not newer than vetd's.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import mmap
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+API_VERSION = "1.0"
+
+__all__ = ["API_VERSION", "Decision", "Verdict", "ScanFile", "Opener", "Plugin", "PluginConfigError"]
+
+
+class Decision(str, enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A plugin's answer. `reason` names the signature or list that decided; `cacheable` False
+    means ask again next time; `ttl_s` bounds how long a cached answer stands."""
+
+    decision: Decision
+    reason: str = ""
+    plugin: str = ""
+    cacheable: bool = True
+    ttl_s: float | None = None
+
+    @classmethod
+    def allow(cls, reason: str = "", *, cacheable: bool = True, ttl_s: float | None = None) -> "Verdict":
+        return cls(Decision.ALLOW, reason, "", cacheable, ttl_s)
+
+    @classmethod
+    def deny(cls, reason: str, *, cacheable: bool = True, ttl_s: float | None = None) -> "Verdict":
+        return cls(Decision.DENY, reason, "", cacheable, ttl_s)
+
+    @property
+    def denied(self) -> bool:
+        return self.decision is Decision.DENY
+
+
+class PluginConfigError(ValueError):
+    """Raised by a plugin's constructor for a bad configuration table; vetd refuses to load."""
+
+
+class ScanFile:
+    """Read-only access to the file being opened, through the event fd. Shared by all plugins
+    scanning one event, so hashes are computed once."""
+
+    def __init__(self, fd: int, st: os.stat_result, path: str):
+        self._fd = fd
+        self.stat = st
+        self.size = st.st_size
+        self.path = path  # for display and logs only; never open it
+        self._hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        """The event fd, for passing to an engine (for example over SCM_RIGHTS). Do not close it."""
+        return self._fd
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self._fd, n, offset)
+
+    def chunks(self, size: int = 1 << 20, limit: int | None = None) -> Iterator[bytes]:
+        """The content in order, reading only data extents of a sparse file; holes come back as
+        zeros without touching the disk."""
+        end = self.size if limit is None else min(self.size, limit)
+        off = 0
+        while off < end:
+            try:
+                data_at = os.lseek(self._fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                data_at = end
+            data_at = min(data_at, end)
+            while off < data_at:  # a hole
+                n = min(size, data_at - off)
+                yield bytes(n)
+                off += n
+            if off >= end:
+                break
+            try:
+                hole_at = min(os.lseek(self._fd, off, os.SEEK_HOLE), end)
+            except OSError:
+                hole_at = end
+            while off < hole_at:
+                buf = os.pread(self._fd, min(size, hole_at - off), off)
+                if not buf:  # truncated under us
+                    return
+                yield buf
+                off += len(buf)
+
+    def mmap(self) -> mmap.mmap | bytes:
+        """A read-only mapping of the whole file (b"" for an empty one)."""
+        if self.size == 0:
+            return b""
+        return mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+
+    def hexdigest(self, algorithm: str = "sha256") -> str:
+        """A content hash, computed once per event whichever plugin asks first."""
+        with self._lock:
+            h = self._hashes.get(algorithm)
+            if h is None:
+                hasher = hashlib.new(algorithm)
+                for chunk in self.chunks():
+                    hasher.update(chunk)
+                h = self._hashes[algorithm] = hasher.hexdigest()
+            return h
+
+    def sha256(self) -> str:
+        return self.hexdigest("sha256")
+
+
+class Opener:
+    """What a plugin may know of the process opening the file. Attributes are looked up only
+    when read, and may be None (an exited process, a kernel thread)."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: Any):
+        self._source = source
+
+    @property
+    def pid(self) -> int:
+        return self._source.pid
+
+    @property
+    def exe(self) -> bytes | None:
+        return self._source.exe
+
+    @property
+    def comm(self) -> str | None:
+        return self._source.comm
+
+    @property
+    def uid(self) -> int | None:
+        return self._source.uid
+
+
+class Plugin:
+    """Base class for in-process scanner plugins.
+
+    Subclasses set `name` and `api_version`, validate their TOML table in `__init__` (raising
+    PluginConfigError), and implement `scan`. `scan` runs on worker threads concurrently and
+    must be thread-safe. Return a Verdict; raising is allowed and is answered by the degraded
+    policy. `close` is called when a reload replaces the plugin or vetd stops.
+    """
+
+    name: ClassVar[str] = ""
+    api_version: ClassVar[str] = API_VERSION
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = config
+
+    def scan(self, file: ScanFile, opener: Opener) -> Verdict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
