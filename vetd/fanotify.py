@@ -170,13 +170,16 @@ class Group:
 
     # ---- creation ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, *, want_audit: bool = False) -> "Group":
-        """Create the best group this kernel allows, falling back feature by feature."""
+    def open(cls, *, want_audit: bool = False, want_pidfd: bool = True) -> "Group":
+        """Create the best group this kernel allows, falling back feature by feature.
+
+        A pidfd per event costs the kernel an allocation and us a close(): ask for one only
+        when decisions read the subject."""
         feats = Features()
         base = FAN_CLOEXEC | FAN_NONBLOCK | FAN_UNLIMITED_QUEUE | FAN_UNLIMITED_MARKS
         attempts = []
         for klass in (FAN_CLASS_PRE_CONTENT, FAN_CLASS_CONTENT):
-            for pidfd in (FAN_REPORT_PIDFD, 0):
+            for pidfd in ((FAN_REPORT_PIDFD, 0) if want_pidfd else (0,)):
                 for audit in ((FAN_ENABLE_AUDIT, 0) if want_audit else (0,)):
                     attempts.append((klass, pidfd, audit))
         last_err: FanotifyError | None = None

@@ -18,6 +18,15 @@ from .sdk import API_VERSION, Plugin, PluginConfigError
 
 log = logging.getLogger("vetd.plugins")
 GROUP = "vetd.plugins"
+# Keys of a [plugins.NAME] table that belong to the host, not to the plugin:
+#   enabled      load it or not
+#   use          the entry point to load when it differs from NAME (two agents, say)
+#   on_failure   "allow" or "deny" when this plugin fails or times out
+#   deadline_ms  this plugin's own deadline
+#   failure_threshold, retry_after_s   the circuit breaker (unhealthy after N failures in a row,
+#                probed again after that many seconds)
+HOST_KEYS = frozenset({"enabled", "use", "on_failure", "deadline_ms", "failure_threshold",
+                       "retry_after_s"})
 
 
 class PluginError(Exception):
@@ -51,10 +60,11 @@ def _check_api(name: str, cls: type) -> None:
 def load(name: str, table: dict[str, Any]) -> Plugin:
     """Import, check and construct one plugin from its config table."""
     eps = available()
-    ep = eps.get(name)
+    use = table.get("use", name)
+    ep = eps.get(use)
     if ep is None:
         known = ", ".join(sorted(eps)) or "none installed"
-        raise PluginError(f"plugin {name}: not found in entry-point group {GROUP} (known: {known})")
+        raise PluginError(f"plugin {name}: {use!r} not found in entry-point group {GROUP} (known: {known})")
     module = ep.value.split(":", 1)[0]
     try:
         spec = importlib.util.find_spec(module)
@@ -74,15 +84,14 @@ def load(name: str, table: dict[str, Any]) -> Plugin:
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise PluginError(f"plugin {name}: {ep.value} is not a vetd.sdk.Plugin subclass")
     _check_api(name, cls)
-    options = {k: v for k, v in table.items() if k != "enabled"}
+    options = {k: v for k, v in table.items() if k not in HOST_KEYS}
     try:
         plugin = cls(options)
     except PluginConfigError as e:
         raise PluginError(f"[plugins.{name}] {e}") from e
     except Exception as e:
         raise PluginError(f"plugin {name}: failed to start: {type(e).__name__}: {e}") from e
-    if not plugin.name:
-        plugin.name = name  # type: ignore[misc]
+    plugin.name = name  # type: ignore[misc]  # the instance is known by its table's name
     return plugin
 
 
