@@ -133,6 +133,16 @@ TEST_PLUGINS = textwrap.dedent('''
         def scan(self, file, opener):
             raise RuntimeError("scanner exploded")
 
+    class ExeReader(Plugin):
+        """Looks the opener up only after a pause, so a test can kill it first."""
+        name = "exereader"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            time.sleep(float(self.config.get("seconds", 1)))
+            with open(self.config["log"], "a") as fh:
+                fh.write(f"{opener.pid} {opener.exe!r} {opener.comm!r} {opener.uid!r}\\n")
+            return Verdict.allow()
+
     class Counter(Plugin):
         """Denies files containing a marker; appends each scanned path to a log (not watched)."""
         name = "counter"
@@ -158,7 +168,7 @@ def plugin_site(tmp_path: Path) -> Path:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vetd-testplugins\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text(
         "[vetd.plugins]\nsleepy = vetd_testplugins:Sleepy\nraises = vetd_testplugins:Raises\n"
-        "counter = vetd_testplugins:Counter\n")
+        "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n")
     return site
 
 

@@ -254,6 +254,24 @@ def test_file_deleted_during_its_scan_is_answered(tmpfs, vetd_factory, plugin_si
     assert v.proc.poll() is None
 
 
+def test_an_opener_that_dies_before_it_is_looked_up_gets_a_defined_answer(tmpfs, vetd_factory,
+                                                                          plugin_site, tmp_path):
+    (tmpfs / "f").write_text("x\n")
+    log = tmp_path / "exereader.log"
+    v = vetd_factory([tmpfs], pythonpath=plugin_site,
+                     plugins=f'[plugins.exereader]\nseconds = 1.0\nlog = "{log}"\n').start()
+    child = subprocess.Popen([sys.executable, "-c", OPEN_ONE, str(tmpfs / "f")], stdout=subprocess.PIPE)
+    wait_for(lambda: v.status()["backlog"]["in_flight"] == 1, what="the open to be held")
+    child.kill()
+    child.wait(10)
+    line = wait_for(lambda: log.exists() and log.read_text().strip(), what="the late look-up")
+    assert line.split(" ", 1)[1] == "None None None", line
+    wait_for(lambda: v.status()["backlog"]["in_flight"] == 0, what="the dead opener's event to settle")
+    (tmpfs / "g").write_text("y\n")
+    assert open_as_child(tmpfs / "g") == "OK"
+    assert v.proc.poll() is None
+
+
 # --- degraded answers -----------------------------------------------------------------------------
 @pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])
 def test_deadline_expiry_is_answered_by_policy(tmpfs, vetd_factory, plugin_site, policy, expected):

@@ -150,7 +150,8 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._reloading = False
         self.marked: dict[int, mounts.Mount] = {}
-        self.group = fan.Group.open(want_pidfd=Exclusions(config.exclude).needs_subject)
+        self.group = fan.Group.open(want_audit=True,
+                                    want_pidfd=Exclusions(config.exclude).needs_subject)
         log.info("fanotify %s", self.group.features.describe())
         for note in self.group.features.notes:
             log.warning("%s", note)

@@ -272,11 +272,19 @@ class Group:
             return []
         return parse_events(buf)
 
-    def respond(self, event_fd: int, response: int, rule_number: int | None = None) -> None:
-        """Write one answer. ENOENT means the kernel already dropped the event (opener died)."""
-        if rule_number is not None and self.features.audit:
-            buf = _RESPONSE.pack(event_fd, response | FAN_INFO) + _AUDIT_RULE.pack(
-                FAN_RESPONSE_INFO_AUDIT_RULE, 0, _AUDIT_RULE.size, rule_number, 0, 0)
+    def respond(self, event_fd: int, response: int, *, audit: bool = False,
+                rule_number: int | None = None) -> None:
+        """Write one answer. ENOENT means the kernel already dropped the event (opener died).
+
+        `audit` asks the kernel for an audit record of this answer, `rule_number` rides in it
+        (both need a group made with FAN_ENABLE_AUDIT, else they are left out)."""
+        if audit and self.features.audit:
+            response |= FAN_AUDIT
+            if rule_number is not None:
+                response |= FAN_INFO
+        if response & FAN_INFO:
+            buf = _RESPONSE.pack(event_fd, response) + _AUDIT_RULE.pack(
+                FAN_RESPONSE_INFO_AUDIT_RULE, 0, _AUDIT_RULE.size, rule_number or 0, 0, 0)
         else:
             buf = _RESPONSE.pack(event_fd, response)
         try:
