@@ -124,7 +124,27 @@ TEST_PLUGINS = textwrap.dedent('''
         name = "sleepy"
         api_version = API_VERSION
         def scan(self, file, opener):
-            time.sleep(float(self.config.get("seconds", 30)))
+            if self.config.get("only", "") in file.path:
+                time.sleep(float(self.config.get("seconds", 30)))
+            return Verdict.allow()
+
+    class Flaky(Plugin):
+        """Fails while its flag file exists (the flag is outside any watched filesystem)."""
+        name = "flaky"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            if os.path.exists(self.config["flag"]):
+                raise OSError("engine unavailable")
+            return Verdict.allow()
+
+    class SlowDeny(Plugin):
+        """Takes its time, then denies content holding the marker."""
+        name = "slowdeny"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            time.sleep(float(self.config.get("seconds", 1)))
+            if b"BAD" in b"".join(file.chunks()):
+                return Verdict.deny("marker")
             return Verdict.allow()
 
     class Raises(Plugin):
@@ -168,7 +188,8 @@ def plugin_site(tmp_path: Path) -> Path:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vetd-testplugins\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text(
         "[vetd.plugins]\nsleepy = vetd_testplugins:Sleepy\nraises = vetd_testplugins:Raises\n"
-        "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n")
+        "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n"
+        "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n")
     return site
 
 

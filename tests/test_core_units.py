@@ -221,3 +221,35 @@ def test_hash_list_format_and_errors():
     from vetd.sdk import PluginConfigError
     with pytest.raises(PluginConfigError, match="x:2"):
         parse_list(f"{h}\nnot-a-hash\n", "x")
+
+
+# --- degraded policy ------------------------------------------------------------------------------
+def test_policy_precedence_path_class_then_plugin_then_scan_defaults():
+    c = cfg.parse('[scan]\non_error = "allow"\non_timeout = "deny"\n'
+                  '[[degraded.class]]\npaths = ["/srv/www/**"]\non_failure = "deny"\non_backlog = "deny"\n'
+                  '[plugins.clam]\non_failure = "allow"\n[plugins.other]\n')
+    pol = c.policy()
+    assert pol.answer("error", b"/srv/www/x", "clam") is False      # the class wins
+    assert pol.answer("timeout", b"/home/x", "clam") is True        # then the plugin
+    assert pol.answer("timeout", b"/home/x", "other") is False      # then [scan]
+    assert pol.answer("error", b"/home/x", "other") is True
+    assert pol.answer("backlog", b"/srv/www/x") is False and pol.answer("backlog", b"/a") is True
+
+
+def test_breaker_opens_after_threshold_and_lets_one_probe_through():
+    from vetd.degraded import Breaker
+    b = Breaker(threshold=2, retry_after_s=10)
+    assert b.allow(0) and not b.failure(0) and b.failure(1)
+    assert b.state == "unhealthy" and not b.allow(5)
+    assert b.allow(11) and b.state == "probing" and not b.allow(11)   # exactly one probe
+    assert b.failure(11) and b.state == "unhealthy"                 # a failed probe reopens
+    assert b.allow(22)
+    b.success()
+    assert b.state == "healthy" and b.allow(22) and b.trips == 2
+
+
+def test_plugin_host_keys_are_validated():
+    with pytest.raises(cfg.ConfigError, match=r"\[plugins.x\] on_failure"):
+        cfg.parse('[plugins.x]\non_failure = "maybe"')
+    with pytest.raises(cfg.ConfigError, match=r"\[degraded.class #1\] paths"):
+        cfg.parse('[[degraded.class]]\nname = "x"')

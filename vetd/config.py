@@ -12,9 +12,15 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .degraded import PathClass, PluginPolicy, Policy
 from .globs import GlobError, GlobSet
 
 POLICIES = ("allow", "deny")
+# Keys of a [plugins.NAME] table that belong to the host, not to the plugin: enabled; use (the
+# entry point, when it differs from NAME); on_failure; deadline_ms; failure_threshold and
+# retry_after_s (the circuit breaker). They are stripped before the plugin sees its table.
+HOST_KEYS = frozenset({"enabled", "use", "on_failure", "deadline_ms", "failure_threshold",
+                       "retry_after_s"})
 EVENT_NAMES = ("open", "exec", "access")
 MARK_KINDS = ("filesystem", "mount")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -72,6 +78,13 @@ class ExcludeConfig:
 
 
 @dataclass(frozen=True)
+class DegradedConfig:
+    rescan: bool = False
+    rescan_queue: int = 1024
+    classes: tuple[PathClass, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     daemon: DaemonConfig
@@ -79,6 +92,14 @@ class Config:
     cache: CacheConfig
     exclude: ExcludeConfig
     plugins: dict[str, dict[str, Any]]  # plugin name -> its own TOML table (validated by the plugin)
+    plugin_policies: dict[str, PluginPolicy] = field(default_factory=dict)
+    degraded: DegradedConfig = field(default_factory=DegradedConfig)
+    rules_dir: str | None = None
+
+    def policy(self) -> Policy:
+        s = self.scan
+        return Policy(s.on_timeout, s.on_error, s.on_backlog, s.on_too_big, self.degraded.classes,
+                      self.plugin_policies)
 
     def with_watch(self, watch: tuple[str, ...]) -> "Config":
         """The `--watch` override: same config, another watch list."""
@@ -190,7 +211,7 @@ def parse(text: str, file: str = "<config>") -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{file}: not valid TOML: {e}") from e
-    known = {"daemon", "scan", "cache", "exclude", "plugins"}
+    known = {"daemon", "scan", "cache", "exclude", "plugins", "degraded", "rules"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ConfigError(f"{file}: unknown section(s): {', '.join(unknown)} "
@@ -255,18 +276,51 @@ def parse(text: str, file: str = "<config>") -> Config:
             raise ConfigError(f"{e.where('exe')}: {x!r} is not an absolute path")
     e.finish()
 
+    g = _Section(file, "degraded", doc.get("degraded", {}))
+    classes_raw = g._get("class", [], list, "an array of tables ([[degraded.class]])")
+    classes = []
+    for i, item in enumerate(classes_raw):
+        pc = _Section(file, f"degraded.class #{i + 1}", item)
+        name = pc.string("name", f"class{i + 1}")
+        paths = pc.globs("paths")
+        if not paths:
+            raise ConfigError(f"{pc.where('paths')}: a path class needs at least one glob")
+        classes.append(PathClass(
+            name, paths,
+            on_failure=pc.string("on_failure", None, choices=POLICIES) if "on_failure" in pc.table else None,
+            on_backlog=pc.string("on_backlog", None, choices=POLICIES) if "on_backlog" in pc.table else None,
+            on_too_big=pc.string("on_too_big", None, choices=POLICIES) if "on_too_big" in pc.table else None))
+        pc.finish()
+    degraded = DegradedConfig(rescan=g.boolean("rescan", False),
+                              rescan_queue=g.integer("rescan_queue", 1024, minimum=1),
+                              classes=tuple(classes))
+    g.finish()
+
+    r = _Section(file, "rules", doc.get("rules", {}))
+    rules_dir = r.string("dir", "") or None
+    if rules_dir is not None and not rules_dir.startswith("/"):
+        raise ConfigError(f"{r.where('dir')}: {rules_dir!r} is not an absolute path")
+    r.finish()
+
     plugins_raw = doc.get("plugins", {})
     if not isinstance(plugins_raw, dict):
         raise ConfigError(f"{file}: [plugins] must be a table of plugin tables")
     plugins: dict[str, dict[str, Any]] = {}
+    policies: dict[str, PluginPolicy] = {}
     for name, table in plugins_raw.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{file}: [plugins.{name}] must be a table")
-        enabled = table.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"{file}: [plugins.{name}] enabled: expected true or false")
+        hp = _Section(file, f"plugins.{name}", {k: v for k, v in table.items() if k in HOST_KEYS})
+        hp.boolean("enabled", True)
+        hp.string("use", name)
+        deadline = hp.integer("deadline_ms", 0, minimum=0, maximum=600_000)
+        policies[name] = PluginPolicy(
+            on_failure=hp.string("on_failure", None, choices=POLICIES) if "on_failure" in hp.table else None,
+            deadline_s=deadline / 1000.0 if deadline else None,
+            failure_threshold=hp.integer("failure_threshold", 5, minimum=1),
+            retry_after_s=hp.number("retry_after_s", 30.0))
         plugins[name] = dict(table)
-    return Config(file, daemon, scan, cache, exclude, plugins)
+    return Config(file, daemon, scan, cache, exclude, plugins, policies, degraded, rules_dir)
 
 
 def load(path: str) -> Config:

@@ -110,6 +110,7 @@ class ControlServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # umask, not chmod: the socket must never exist with looser permissions, even briefly.
+            # umask is process-wide, so the window is kept to this one bind() call.
             old_umask = os.umask(0o177)
             try:
                 listener.bind(self.path)
@@ -120,7 +121,8 @@ class ControlServer:
             st = os.stat(self.path)
         except OSError as exc:
             listener.close()
-            raise ControlError(f"cannot serve control socket {self.path}: {exc.strerror or exc}") from exc
+            why = exc.strerror or exc
+            raise ControlError(f"cannot serve control socket {self.path}: {why}") from exc
         self._bound_ino = (st.st_dev, st.st_ino)
         self._listener = listener
         self._wake_r, self._wake_w = os.pipe()
@@ -132,7 +134,7 @@ class ControlServer:
         log.info("control socket listening on %s", self.path)
 
     def stop(self) -> None:
-        """Stop accepting, drop open connections, unlink the socket; waits at most ~2 s for threads."""
+        """Stop accepting, drop open connections, unlink the socket; waits at most ~2 s in all."""
         if self._listener is None:
             return
         deadline = time.monotonic() + _JOIN_BUDGET_S
@@ -198,7 +200,8 @@ class ControlServer:
         except TimeoutError:
             pass  # a full accept queue: someone is there, just busy
         except OSError as exc:
-            raise ControlError(f"cannot probe existing socket {self.path}: {exc.strerror or exc}") from exc
+            why = exc.strerror or exc
+            raise ControlError(f"cannot probe existing socket {self.path}: {why}") from exc
         finally:
             probe.close()
         raise ControlError(f"another vetd is already serving {self.path}")
@@ -288,7 +291,9 @@ class ControlServer:
                     return
                 conn.sendall(self._answer(line))
         except TimeoutError:
-            log.warning("control client sent no complete request within %gs; closing", self._client_timeout)
+            log.warning(
+                "control client sent no complete request within %gs; closing", self._client_timeout
+            )
         except _LineTooLong as exc:  # answered, then dropped: the stream cannot be resynchronised
             try:
                 conn.sendall(_encode(_error(f"bad request: {exc}")))
@@ -324,7 +329,7 @@ class ControlServer:
             result = handler(args)
         except Exception as exc:
             log.error("control command %s failed: %s", cmd, exc)
-            return _encode(_error(f"{cmd} failed: {exc or type(exc).__name__}"))
+            return _encode(_error(f"{cmd} failed: {str(exc) or type(exc).__name__}"))
         try:
             return _encode({"ok": True, "result": result})
         except (TypeError, ValueError) as exc:
@@ -345,7 +350,7 @@ class _LineReader:
         self._buf = bytearray()
 
     def next_line(self, deadline: float | None = None) -> bytes | None:
-        """The next non-blank line without its newline; None at EOF; a final unterminated line counts."""
+        """The next non-blank line, without its newline; None at EOF (a last unterminated line counts)."""
         while True:
             newline = self._buf.find(b"\n")
             if newline >= 0:
@@ -404,18 +409,9 @@ def request(path: str, cmd: str, args: dict | None = None, timeout: float = 5.0)
     with sock:
         try:
             sock.connect(path)
-        except FileNotFoundError:
-            raise ControlUnreachable(f"cannot reach vetd at {path}: no such file (is vetd running?)") from None
-        except ConnectionRefusedError:
-            raise ControlUnreachable(
-                f"cannot reach vetd at {path}: connection refused (stale socket; is vetd running?)"
-            ) from None
-        except PermissionError:
-            raise ControlUnreachable(f"cannot reach vetd at {path}: permission denied (run as root)") from None
-        except TimeoutError:
-            raise ControlUnreachable(f"cannot reach vetd at {path}: no connection within {timeout:g}s") from None
         except OSError as exc:
-            raise ControlUnreachable(f"cannot reach vetd at {path}: {exc.strerror or exc}") from None
+            why = _why_unreachable(exc, timeout)
+            raise ControlUnreachable(f"cannot reach vetd at {path}: {why}") from None
         try:
             try:
                 sock.sendall(payload)
@@ -423,11 +419,14 @@ def request(path: str, cmd: str, args: dict | None = None, timeout: float = 5.0)
                 pass  # the daemon may have refused us already; its reason is waiting to be read
             raw = _LineReader(sock, MAX_ANSWER_BYTES).next_line(time.monotonic() + timeout)
         except TimeoutError:
-            raise ControlUnreachable(f"vetd at {path} did not answer {cmd!r} within {timeout:g}s") from None
+            why = f"did not answer {cmd!r} within {timeout:g}s"
+            raise ControlUnreachable(f"vetd at {path} {why}") from None
         except _LineTooLong:
-            raise ControlUnreachable(f"vetd at {path} sent an answer longer than {MAX_ANSWER_BYTES} bytes") from None
+            why = f"sent an answer over {MAX_ANSWER_BYTES} bytes"
+            raise ControlUnreachable(f"vetd at {path} {why}") from None
         except OSError as exc:
-            raise ControlUnreachable(f"lost connection to vetd at {path}: {exc.strerror or exc}") from None
+            why = exc.strerror or exc
+            raise ControlUnreachable(f"lost connection to vetd at {path}: {why}") from None
     if raw is None:
         raise ControlUnreachable(f"vetd at {path} closed the connection without answering")
     try:
@@ -439,3 +438,16 @@ def request(path: str, cmd: str, args: dict | None = None, timeout: float = 5.0)
     if not answer["ok"]:
         raise ControlError(str(answer.get("error") or "unspecified error"))
     return answer.get("result")
+
+
+def _why_unreachable(exc: OSError, timeout: float) -> str:
+    """What a failed connect() means to an operator."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (is vetd running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (stale socket; is vetd running?)"
+    if isinstance(exc, PermissionError):
+        return "permission denied (run as root)"
+    if isinstance(exc, TimeoutError):
+        return f"no connection within {timeout:g}s"
+    return exc.strerror or str(exc)

@@ -117,7 +117,8 @@ def _inline(mapping: Mapping[str, Any]) -> str:
 
 def _generic_lines(key: str, value: Any) -> list[str]:
     if isinstance(value, dict):
-        lines = [_inline(value)] if any(not isinstance(v, (dict, list)) for v in value.values()) else []
+        has_scalars = any(not isinstance(v, (dict, list)) for v in value.values())
+        lines = [_inline(value)] if has_scalars else []
         for sub_key, sub in value.items():
             if isinstance(sub, dict):
                 lines.append(f"{_words(sub_key)}: {_inline(sub) or '-'}")

@@ -31,7 +31,9 @@ from .exclusions import Exclusions
 from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .notify import Notifier
-from .scanning import PluginStats, ScanPool, run_plugins
+from .degraded import Breaker, Policy
+from .rescan import Item as RescanItem, Rescanner
+from .scanning import PluginStats, ScanPool, checked, combine
 from .sdk import Opener, Plugin, ScanFile, Verdict
 
 log = logging.getLogger("vetd")
@@ -58,6 +60,8 @@ class State:
     perm_mask: int
     deny_response: int
     deadline_s: float
+    policy: Policy
+    breakers: dict[str, Breaker]
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -65,7 +69,7 @@ class Pending:
     """One permission event between intake and answer."""
 
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
-                 "handed_off")
+                 "handed_off", "current", "plugin_deadline")
 
     def __init__(self, ev: fan.Event, state: State):
         self.fd = ev.fd
@@ -78,6 +82,8 @@ class Pending:
         self.deadline = 0.0
         self.answered = False
         self.handed_off = False
+        self.current: str | None = None     # the plugin a worker is running for this event
+        self.plugin_deadline = 0.0
 
     def close(self) -> None:
         for fd in (self.fd, self.pidfd):
@@ -100,7 +106,9 @@ class Stats:
         self.allow = 0
         self.deny = 0
         self.by_reason: dict[str, int] = {}
-        self.degraded: dict[str, int] = {"timeout": 0, "error": 0, "backlog": 0, "too_big": 0}
+        self.degraded: dict[str, int] = {"timeout": 0, "error": 0, "backlog": 0, "too_big": 0,
+                                         "unhealthy": 0}
+        self.late_detections = 0
         self.kernel_marks = 0
         self.overflows = 0
 
@@ -126,8 +134,13 @@ def build_state(config: Config, features: fan.Features, accepts_errno: Callable[
     err = getattr(errno, config.daemon.deny_errno)
     if err != errno.EPERM and features.deny_errno and accepts_errno(err):
         deny = fan.deny_errno_response(err)
+    policy = config.policy()
+    breakers = {}
+    for p in plugins:
+        pp = policy.plugins.get(p.name)
+        breakers[p.name] = Breaker(pp.failure_threshold if pp else 5, pp.retry_after_s if pp else 30.0)
     return State(config, Exclusions(config.exclude, scope), plugins, generation, perm, deny,
-                 config.scan.deadline_ms / 1000.0)
+                 config.scan.deadline_ms / 1000.0, policy, breakers)
 
 
 class Daemon:
@@ -158,6 +171,8 @@ class Daemon:
         plugins = tuple(plugin_loader.load_all(config.plugins))
         self.state = self._build_state(config, self.cache.generation, plugins)
         self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
+        self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
+                                 lambda: self.pool.depth == 0 and self.pool.busy == 0)
         self.control = ControlServer(config.daemon.socket, {"status": self._status_cmd,
                                                             "reload": self._reload_cmd})
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -222,11 +237,17 @@ class Daemon:
                         p.subject.describe(), degraded, why)
         return True
 
-    def _answer_by_policy(self, p: Pending, kind: str, why: str) -> None:
-        sc = p.state.config.scan
-        policy = {"timeout": sc.on_timeout, "error": sc.on_error, "backlog": sc.on_backlog,
-                  "too_big": sc.on_too_big}[kind]
-        self._answer(p, policy == "allow", "degraded", kind, why)
+    def _answer_by_policy(self, p: Pending, kind: str, why: str, plugin: str | None = None) -> bool:
+        """The degraded answer: path class, then plugin, then [scan] defaults decide."""
+        pol = p.state.policy
+        allow = pol.answer(kind, p.obj.path if pol.needs_path() else None, plugin)
+        if plugin is not None:
+            why = f"{plugin}: {why}"
+        answered = self._answer(p, allow, "degraded", kind, why)
+        if answered and allow and kind != "too_big" and p.state.config.degraded.rescan:
+            self.rescans.offer_fd(p.fd, p.obj.stat, p.obj.display_path, p.state.generation,
+                                  f"{kind}: {why}")
+        return allow
 
     def _kernel_cache(self, p: Pending) -> None:
         st = p.state
@@ -312,39 +333,132 @@ class Daemon:
         p = job  # type: ignore[assignment]
         assert isinstance(p, Pending)
         try:
-            if p.answered:  # expired while queued
-                return
-            st = p.state
-            obj = p.obj
-            sf = ScanFile(p.fd, obj.stat, obj.display_path)
-            result = run_plugins(st.plugins, sf, Opener(p.subject), self.plugin_stats)
-            if result.failures:
-                why = "; ".join(f"{name}: {err}" for name, err in result.failures)
-                log.error("scanner failure on %s: %s", obj.display_path, why)
-                if result.verdict.denied:
-                    self._answer(p, False, "scan", why=result.verdict.reason)
-                else:
-                    self._answer_by_policy(p, "error", why)
-                return
-            verdict = result.verdict
-            self.cache.store(obj.key, obj.version, verdict, st.generation)
-            if self._answer(p, not verdict.denied, "scan",
-                            why=f"{verdict.plugin}: {verdict.reason}") and not verdict.denied \
-                    and verdict.cacheable and verdict.ttl_s is None:
-                self._kernel_cache(p)
+            if not p.answered:  # else it expired while queued
+                self._scan(p)
         except Exception as e:
             if not p.answered:
                 self._answer_by_policy(p, "error", f"{type(e).__name__}: {e}")
             log.error("scan job: %s", format_exception_safely(e))
         finally:
+            p.current = None
             p.close()
+
+    def _scan(self, p: Pending) -> None:
+        """Ask each plugin in turn (deny wins and stops); failures go through the breaker and
+        the degraded policy. The loop may answer meanwhile (a deadline): then stop quietly."""
+        st, obj = p.state, p.obj
+        sf = ScanFile(p.fd, obj.stat, obj.display_path)
+        opener = Opener(p.subject)
+        verdicts: list[Verdict] = []
+        degraded: tuple[str, str, str] | None = None  # (kind, plugin, why) of an allowed failure
+        for plugin in st.plugins:
+            name = plugin.name
+            stats = self.plugin_stats.setdefault(name, PluginStats())
+            breaker = st.breakers[name]
+            now = time.monotonic()
+            if not breaker.allow(now):
+                stats.skipped += 1
+                if not st.policy.answer("unhealthy", obj.path if st.policy.needs_path() else None, name):
+                    self._answer_by_policy(p, "unhealthy", "skipped while unhealthy", name)
+                    return
+                degraded = ("unhealthy", name, "skipped while unhealthy")
+                continue
+            pp = st.policy.plugins.get(name)
+            p.plugin_deadline = now + pp.deadline_s if pp is not None and pp.deadline_s else 0.0
+            p.current = name
+            stats.scans += 1
+            try:
+                v = checked(plugin.scan(sf, opener), name)
+            except Exception as e:
+                p.current = None
+                if p.answered:
+                    return  # timed out meanwhile; the loop recorded it
+                stats.errors += 1
+                why = f"{type(e).__name__}: {e}"
+                if breaker.failure(time.monotonic()):
+                    log.error("plugin %s is unhealthy after %d failures in a row: skipped by "
+                              "policy, probed again in %gs", name, breaker.failures, breaker.retry_after_s)
+                log.error("plugin %s failed on %s: %s", name, obj.display_path, why)
+                if not self._answer_by_policy(p, "error", why, name):
+                    return
+                degraded = ("error", name, why)
+                continue
+            p.current = None
+            if p.answered:
+                return
+            breaker.success()
+            if v.denied:
+                stats.denies += 1
+                self.cache.store(obj.key, obj.version, v, st.generation)
+                self._answer(p, False, "scan", why=f"{name}: {v.reason}")
+                return
+            verdicts.append(v)
+        if degraded is not None:
+            if not p.answered:
+                self._answer_by_policy(p, degraded[0], degraded[2], degraded[1])
+            return
+        verdict = combine(verdicts)
+        self.cache.store(obj.key, obj.version, verdict, st.generation)
+        if self._answer(p, True, "scan") and verdict.cacheable and verdict.ttl_s is None:
+            self._kernel_cache(p)
+
+    def _rescan(self, item: RescanItem) -> None:
+        """Scan a file a degraded answer let through; a deny is cached, so later opens fail."""
+        st = self.state
+        sf = ScanFile(item.fd, item.stat, item.path)
+        opener = Opener(Subject(0))
+        for plugin in st.plugins:
+            if not st.breakers[plugin.name].allow(time.monotonic()):
+                continue
+            v = checked(plugin.scan(sf, opener), plugin.name)
+            if v.denied:
+                self.stats.late_detections += 1
+                key = (item.stat.st_dev, item.stat.st_ino)
+                version = (item.stat.st_mtime_ns, item.stat.st_ctime_ns, item.stat.st_size)
+                self.cache.store(key, version, v, st.generation)
+                log.error("late detection: %s was allowed by degraded policy (%s) and is bad: "
+                          "%s: %s; later opens are denied", item.path, item.reason, plugin.name, v.reason)
+                return
 
     def _expire(self, now: float) -> None:
         dl = self._deadlines
         while dl and (dl[0][2].answered or dl[0][0] <= now):
             _, _, p = heapq.heappop(dl)
             if not p.answered:
-                self._answer_by_policy(p, "timeout", f"no verdict within {p.state.deadline_s:g}s")
+                self._timeout(p, now, f"no verdict within {p.state.deadline_s:g}s")
+        stuck = 0
+        for job in self.pool.running_jobs():
+            p = job  # type: ignore[assignment]
+            if p.answered:
+                stuck += p.current is not None
+            elif p.current is not None and 0 < p.plugin_deadline <= now:
+                self._timeout(p, now, "over its own deadline")
+        # A thread stuck in a hung plugin cannot be killed: keep enough free workers beside it.
+        want = p_workers = self.state.config.scan.workers
+        if stuck and self.pool.workers < min(p_workers + stuck, 2 * p_workers + 4):
+            want = p_workers + stuck
+            log.error("%d scan worker(s) stuck in a plugin past the deadline; starting "
+                      "replacements (%d workers)", stuck, min(want, 2 * p_workers + 4))
+            self.pool.resize(min(want, 2 * p_workers + 4))
+
+    def _timeout(self, p: Pending, now: float, why: str) -> None:
+        """The one place an expired deadline is answered; the plugin running, if any, is blamed."""
+        plugin = p.current
+        if plugin is not None:
+            self.plugin_stats.setdefault(plugin, PluginStats()).timeouts += 1
+            breaker = p.state.breakers.get(plugin)
+            if breaker is not None and breaker.failure(now):
+                log.error("plugin %s is unhealthy after %d failures in a row (timeouts)", plugin,
+                          breaker.failures)
+        self._answer_by_policy(p, "timeout", why, plugin)
+
+    def _next_deadline(self) -> float:
+        nxt = self._deadlines[0][0] if self._deadlines else float("inf")
+        for job in self.pool.running_jobs():
+            pd = job.plugin_deadline  # type: ignore[attr-defined]
+            if pd and not job.answered:  # type: ignore[attr-defined]
+                nxt = min(nxt, pd)
+        return nxt
 
     # ------------------------------------------------------------------ reload ------------------
     def request_reload(self, done: Future[str] | None = None) -> None:
@@ -441,11 +555,18 @@ class Daemon:
             "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,
                         "in_flight": sum(1 for d in list(self._deadlines) if not d[2].answered),
                         "workers": self.pool.workers},
-            "plugins": [{"name": p.name, "scans": self.plugin_stats.get(p.name, PluginStats()).scans,
-                         "denies": self.plugin_stats.get(p.name, PluginStats()).denies,
-                         "errors": self.plugin_stats.get(p.name, PluginStats()).errors}
-                        for p in st.plugins],
+            "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
+            "late_detections": s.late_detections,
+            "rescan": {"queued": self.rescans.depth, "limit": st.config.degraded.rescan_queue,
+                       "enabled": st.config.degraded.rescan},
         }
+
+    def _plugin_status(self, name: str, st: State) -> dict[str, Any]:
+        ps = self.plugin_stats.get(name, PluginStats())
+        br = st.breakers[name]
+        return {"name": name, "health": br.state, "scans": ps.scans, "denies": ps.denies,
+                "errors": ps.errors, "timeouts": ps.timeouts, "skipped": ps.skipped,
+                "failures_in_a_row": br.failures, "trips": br.trips}
 
     def _status_cmd(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
@@ -453,9 +574,11 @@ class Daemon:
     def status_line(self) -> str:
         s = self.stats
         degraded = sum(s.degraded.values())
+        sick = [n for n, b in self.state.breakers.items() if b.state != Breaker.CLOSED]
+        health = f"; UNHEALTHY: {', '.join(sick)}" if sick else ""
         return (f"{s.permission} events: {s.allow} allowed, {s.deny} denied, {degraded} degraded; "
                 f"cache {self.cache.hit_rate():.0%} hits, {s.kernel_marks} kernel marks; "
-                f"backlog {self.pool.depth}")
+                f"backlog {self.pool.depth}{health}")
 
     # ------------------------------------------------------------------ the loop ----------------
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -498,9 +621,7 @@ class Daemon:
         while not self.stopping:
             try:
                 now = time.monotonic()
-                wake_at = min(next_watchdog, next_status)
-                if self._deadlines:
-                    wake_at = min(wake_at, self._deadlines[0][0])
+                wake_at = min(next_watchdog, next_status, self._next_deadline())
                 timeout_ms = max(0, int((wake_at - now) * 1000) + 1)
                 ready = poller.poll(timeout_ms)
                 for fd, _mask in ready:
@@ -544,6 +665,7 @@ class Daemon:
             if not p.answered:
                 self._answer_by_policy(p, "timeout", "vetd is stopping")
         self.pool.stop()
+        self.rescans.stop()
         self.control.stop()
         self.group.close()
         for plugin in self.state.plugins:

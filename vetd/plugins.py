@@ -14,19 +14,11 @@ import os
 import stat
 from typing import Any
 
+from .config import HOST_KEYS
 from .sdk import API_VERSION, Plugin, PluginConfigError
 
 log = logging.getLogger("vetd.plugins")
 GROUP = "vetd.plugins"
-# Keys of a [plugins.NAME] table that belong to the host, not to the plugin:
-#   enabled      load it or not
-#   use          the entry point to load when it differs from NAME (two agents, say)
-#   on_failure   "allow" or "deny" when this plugin fails or times out
-#   deadline_ms  this plugin's own deadline
-#   failure_threshold, retry_after_s   the circuit breaker (unhealthy after N failures in a row,
-#                probed again after that many seconds)
-HOST_KEYS = frozenset({"enabled", "use", "on_failure", "deadline_ms", "failure_threshold",
-                       "retry_after_s"})
 
 
 class PluginError(Exception):
