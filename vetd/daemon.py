@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import __version__, failpoints, fanotify as fan, mounts, plugins as plugin_loader
-from .cache import VerdictCache
+from .cache import VerdictCache, file_key, file_version
 from .config import Config, load as load_config
 from .control import ControlServer
 from .exclusions import Exclusions
@@ -321,7 +321,7 @@ class Daemon:
                 self.cache.bump_generation()
             elif ev.fd >= 0 and ev.mask & (fan.FAN_CLOSE_WRITE | fan.FAN_MODIFY):
                 st = os.fstat(ev.fd)
-                self.cache.invalidate((st.st_dev, st.st_ino))
+                self.cache.invalidate(file_key(st))
         finally:
             if ev.fd >= 0:
                 os.close(ev.fd)
@@ -413,9 +413,7 @@ class Daemon:
             v = checked(plugin.scan(sf, opener), plugin.name)
             if v.denied:
                 self.stats.late_detections += 1
-                key = (item.stat.st_dev, item.stat.st_ino)
-                version = (item.stat.st_mtime_ns, item.stat.st_ctime_ns, item.stat.st_size)
-                self.cache.store(key, version, v, st.generation)
+                self.cache.store(file_key(item.stat), file_version(item.stat), v, st.generation)
                 log.error("late detection: %s was allowed by degraded policy (%s) and is bad: "
                           "%s: %s; later opens are denied", item.path, item.reason, plugin.name, v.reason)
                 return

@@ -15,6 +15,8 @@ import os
 import stat
 import struct
 
+from .cache import file_key, file_version
+
 _UNSET = object()
 
 # PIDFD_GET_INFO (6.13+): _IOWR(0xFF, 11, struct pidfd_info), version-0 size of 64 bytes.
@@ -115,15 +117,14 @@ class FileObject:
         return st
 
     @property
-    def key(self) -> tuple[int, int]:
-        st = self.stat
-        return (st.st_dev, st.st_ino)
+    def key(self) -> int:
+        """The file's identity (st_dev, st_ino), packed."""
+        return file_key(self.stat)
 
     @property
-    def version(self) -> tuple[int, int, int]:
-        """What must be unchanged for a cached verdict to stand."""
-        st = self.stat
-        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    def version(self) -> int:
+        """What must be unchanged for a cached verdict to stand: mtime, ctime, size, packed."""
+        return file_version(self.stat)
 
     @property
     def is_regular(self) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import mmap
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -83,6 +82,14 @@ class ScanFile:
         zeros without touching the disk."""
         end = self.size if limit is None else min(self.size, limit)
         off = 0
+        if self.stat.st_blocks * 512 >= end:  # no holes to skip: plain reads, no lseek probes
+            while off < end:
+                buf = os.pread(self._fd, min(size, end - off), off)
+                if not buf:  # truncated under us
+                    return
+                yield buf
+                off += len(buf)
+            return
         while off < end:
             try:
                 data_at = os.lseek(self._fd, off, os.SEEK_DATA)
@@ -106,11 +113,13 @@ class ScanFile:
                 yield buf
                 off += len(buf)
 
-    def mmap(self) -> mmap.mmap | bytes:
-        """A read-only mapping of the whole file (b"" for an empty one)."""
-        if self.size == 0:
-            return b""
-        return mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+    def read(self, limit: int | None = None) -> bytes:
+        """The content (up to `limit` bytes) as one bytes object, holes included as zeros.
+
+        There is deliberately no mmap here: a file truncated by someone else while it is
+        mapped turns the next touch of the mapping into SIGBUS, which would kill vetd. Reads
+        into private memory cannot be hurt by a writer; a file that shrinks reads short."""
+        return b"".join(self.chunks(limit=limit))
 
     def hexdigest(self, algorithm: str = "sha256") -> str:
         """A content hash, computed once per event whichever plugin asks first."""
