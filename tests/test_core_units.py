@@ -215,12 +215,33 @@ def test_event_parsing_reads_pidfd_info_records():
 # --- hash lists -----------------------------------------------------------------------------------
 def test_hash_list_format_and_errors():
     h = "a" * 64
-    assert parse_list(f"# c\n{h}  *binary-name\n", "x") == {h: "binary-name"}
-    assert parse_list(f"{h.upper()}\n", "x") == {h: h[:12]}
-    assert parse_list(f"{h}  name\n", "x") == {h: "name"}
+    assert parse_list(f"# c\n{h}  *binary-name\n", "x") == {h: ("binary-name", None)}
+    assert parse_list(f"{h.upper()}\n", "x") == {h: (h[:12], None)}
+    assert parse_list(f"{h}:68:EICAR\n", "x") == {h: ("EICAR", 68)}
     from vetd.sdk import PluginConfigError
     with pytest.raises(PluginConfigError, match="x:2"):
         parse_list(f"{h}\nnot-a-hash\n", "x")
+    with pytest.raises(PluginConfigError, match="x:1: expected HASH:SIZE:NAME"):
+        parse_list(f"{h}:big:EICAR\n", "x")
+
+
+def test_hash_list_with_sizes_hashes_only_files_of_listed_sizes(tmp_path):
+    import hashlib
+    from vetd.sdk import Opener, ScanFile
+    from vetd_plugins.hashlist import HashList
+    bad = b"bad content"
+    (tmp_path / "list").write_text(f"{hashlib.sha256(bad).hexdigest()}:{len(bad)}:bad\n")
+    plugin = HashList({"deny": [str(tmp_path / "list")]})
+    for content, denied, hashed in ((bad, True, True), (b"x" * len(bad), False, True),
+                                    (b"other size", False, False)):
+        (tmp_path / "f").write_bytes(content)
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            sf = ScanFile(fd, os.fstat(fd), "f")
+            assert plugin.scan(sf, Opener(None)).denied is denied
+            assert bool(sf._hashes) is hashed
+        finally:
+            os.close(fd)
 
 
 # --- degraded policy ------------------------------------------------------------------------------
