@@ -71,12 +71,12 @@ class Pending:
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
                  "handed_off", "current", "plugin_deadline")
 
-    def __init__(self, ev: fan.Event, state: State):
+    def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None):
         self.fd = ev.fd
         self.pidfd = ev.pidfd
         self.mask = ev.mask
         self.op = op_of(ev.mask)
-        self.obj = FileObject(ev.fd)
+        self.obj = FileObject(ev.fd, fstypes)
         self.subject = Subject(ev.pid, ev.pidfd)
         self.state = state
         self.deadline = 0.0
@@ -163,6 +163,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._reloading = False
         self.marked: dict[int, mounts.Mount] = {}
+        self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
         self.group = fan.Group.open(want_audit=True,
                                     want_pidfd=Exclusions(config.exclude).needs_subject)
         log.info("fanotify %s", self.group.features.describe())
@@ -216,6 +217,7 @@ class Daemon:
             self.marked[key] = m
             log.info("marked %s %s (%s)", "mount" if per_mount else "filesystem",
                      os.fsdecode(m.mount_point), m.fstype)
+        self.fstypes = {m.dev: m.fstype for m in self.marked.values()}
         if plan.scope != st.exclusions.scope:
             self.state = replace(st, exclusions=Exclusions(st.config.exclude, plan.scope))
 
@@ -270,7 +272,7 @@ class Daemon:
             if ev.pidfd >= 0:
                 os.close(ev.pidfd)
             return
-        p = Pending(ev, self.state)
+        p = Pending(ev, self.state, self.fstypes)
         try:
             self._decide(p)
         except Exception as e:
@@ -347,7 +349,7 @@ class Daemon:
         """Ask each plugin in turn (deny wins and stops); failures go through the breaker and
         the degraded policy. The loop may answer meanwhile (a deadline): then stop quietly."""
         st, obj = p.state, p.obj
-        sf = ScanFile(p.fd, obj.stat, obj.display_path)
+        sf = obj.scan_file
         opener = Opener(p.subject)
         verdicts: list[Verdict] = []
         degraded: tuple[str, str, str] | None = None  # (kind, plugin, why) of an allowed failure

@@ -15,7 +15,10 @@ import os
 import stat
 import struct
 
+from collections.abc import Mapping
+
 from .cache import file_key, file_version
+from .sdk import ScanFile
 
 _UNSET = object()
 
@@ -28,7 +31,8 @@ _PIDFD_INFO = struct.Struct("=QQIIIIIIIIIIII")
 class Subject:
     """The opening process. Attributes are None when they cannot be read (exited, kernel thread)."""
 
-    __slots__ = ("pid", "pidfd", "_exe", "_comm", "_uid")
+    __slots__ = ("pid", "pidfd", "_exe", "_comm", "_uid", "_gid", "_loginuid", "_cgroup", "_ppid",
+                 "_parent_exe")
 
     def __init__(self, pid: int, pidfd: int = -1):
         self.pid = pid
@@ -36,6 +40,11 @@ class Subject:
         self._exe: object = _UNSET
         self._comm: object = _UNSET
         self._uid: object = _UNSET
+        self._gid: object = _UNSET
+        self._loginuid: object = _UNSET
+        self._cgroup: object = _UNSET
+        self._ppid: object = _UNSET
+        self._parent_exe: object = _UNSET
 
     @property
     def exe(self) -> bytes | None:
@@ -69,29 +78,85 @@ class Subject:
                 self._uid = self._uid_from_proc()
         return self._uid  # type: ignore[return-value]
 
-    def _uid_from_pidfd(self) -> int | None:
+    @property
+    def gid(self) -> int | None:
+        """The real gid."""
+        if self._gid is _UNSET:
+            info = self._pidfd_info() if self.pidfd >= 0 else None
+            self._gid = info[6] if info is not None else self._status_field(b"Gid:")
+        return self._gid  # type: ignore[return-value]
+
+    @property
+    def loginuid(self) -> int | None:
+        """The audit login uid (who logged in, whatever su or sudo did since); None if unset."""
+        if self._loginuid is _UNSET:
+            raw = _read_proc(b"/proc/%d/loginuid" % self.pid)
+            v = int(raw) if raw and raw.strip().isdigit() else None
+            self._loginuid = None if v == 4294967295 else v
+        return self._loginuid  # type: ignore[return-value]
+
+    @property
+    def cgroup(self) -> str | None:
+        """The cgroup v2 path (`/system.slice/nginx.service`)."""
+        if self._cgroup is _UNSET:
+            raw = _read_proc(b"/proc/%d/cgroup" % self.pid)
+            self._cgroup = None
+            if raw:
+                for line in raw.split(b"\n"):
+                    if line.startswith(b"0::"):
+                        self._cgroup = line[3:].decode("utf-8", "replace")
+        return self._cgroup  # type: ignore[return-value]
+
+    @property
+    def unit(self) -> str | None:
+        """The systemd unit the process runs in (`nginx.service`, `session-3.scope`)."""
+        cg = self.cgroup
+        if not cg:
+            return None
+        for part in reversed(cg.split("/")):
+            if part.endswith((".service", ".scope", ".socket", ".mount", ".swap", ".timer")):
+                return part
+        return None
+
+    @property
+    def ppid(self) -> int | None:
+        if self._ppid is _UNSET:
+            info = self._pidfd_info() if self.pidfd >= 0 else None
+            self._ppid = info[4] if info is not None else self._status_field(b"PPid:")
+        return self._ppid  # type: ignore[return-value]
+
+    @property
+    def parent_exe(self) -> bytes | None:
+        if self._parent_exe is _UNSET:
+            ppid = self.ppid
+            try:
+                self._parent_exe = os.readlink(b"/proc/%d/exe" % ppid) if ppid else None
+            except OSError:
+                self._parent_exe = None
+        return self._parent_exe  # type: ignore[return-value]
+
+    def _pidfd_info(self) -> tuple[int, ...] | None:
         buf = bytearray(_PIDFD_INFO.pack(_PIDFD_INFO_CREDS, *([0] * 13)))
         try:
             fcntl.ioctl(self.pidfd, _PIDFD_GET_INFO, buf, True)
         except OSError:
             return None
         fields = _PIDFD_INFO.unpack(buf)
-        if not fields[0] & _PIDFD_INFO_CREDS:
-            return None
-        return fields[5]  # ruid
+        return fields if fields[0] & _PIDFD_INFO_CREDS else None
+
+    def _uid_from_pidfd(self) -> int | None:
+        info = self._pidfd_info()
+        return info[5] if info is not None else None  # ruid
 
     def _uid_from_proc(self) -> int | None:
-        try:
-            fd = os.open(b"/proc/%d/status" % self.pid, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                data = os.read(fd, 4096)
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        for line in data.split(b"\n"):
-            if line.startswith(b"Uid:"):
-                return int(line.split()[1])
+        return self._status_field(b"Uid:")
+
+    def _status_field(self, name: bytes) -> int | None:
+        data = _read_proc(b"/proc/%d/status" % self.pid)
+        if data:
+            for line in data.split(b"\n"):
+                if line.startswith(name):
+                    return int(line.split()[1])
         return None
 
     def describe(self) -> str:
@@ -99,15 +164,34 @@ class Subject:
         return f"pid {self.pid} ({exe.decode('utf-8', 'backslashreplace') if exe else '?'})"
 
 
+def _read_proc(path: bytes) -> bytes | None:
+    """A small /proc file (procfs is never marked, so this open raises no event)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 8192)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+
+
+_FTYPES = ((stat.S_ISREG, "regular"), (stat.S_ISDIR, "dir"), (stat.S_ISFIFO, "fifo"),
+           (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "char"), (stat.S_ISBLK, "block"),
+           (stat.S_ISLNK, "symlink"))
+
+
 class FileObject:
     """The file being opened, reached only through the event fd."""
 
-    __slots__ = ("fd", "_stat", "_path")
+    __slots__ = ("fd", "_stat", "_path", "_fstypes", "_scan_file")
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, fstypes: Mapping[int, str] | None = None):
         self.fd = fd
         self._stat: os.stat_result | None = None
         self._path: object = _UNSET
+        self._fstypes = fstypes
+        self._scan_file: ScanFile | None = None
 
     @property
     def stat(self) -> os.stat_result:
@@ -139,6 +223,35 @@ class FileObject:
             except OSError:
                 self._path = None
         return self._path  # type: ignore[return-value]
+
+    @property
+    def ftype(self) -> str:
+        mode = self.stat.st_mode
+        for test, name in _FTYPES:
+            if test(mode):
+                return name
+        return "other"
+
+    @property
+    def fstype(self) -> str | None:
+        """The filesystem type, from the marks vetd placed (st_dev -> type)."""
+        return self._fstypes.get(self.stat.st_dev) if self._fstypes is not None else None
+
+    @property
+    def scan_file(self) -> ScanFile:
+        """The SDK view of this file, shared by rules (sha256) and scanners, hashes computed once."""
+        sf = self._scan_file
+        if sf is None:
+            sf = self._scan_file = ScanFile(self.fd, self.stat, self.display_path)
+        return sf
+
+    def sha256(self) -> str | None:
+        if not self.is_regular:
+            return None
+        try:
+            return self.scan_file.sha256()
+        except OSError:
+            return None
 
     @property
     def display_path(self) -> str:
