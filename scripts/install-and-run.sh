@@ -12,6 +12,8 @@ done
 install -d -m 0755 /etc/vetd /etc/vetd/hashes.d
 [ -e /etc/vetd/vetd.toml ] || install -m 0644 conf/vetd.toml /etc/vetd/vetd.toml
 [ -e /etc/vetd/hashes.d/deny.sha256 ] || install -m 0644 conf/hashes.d/deny.sha256 /etc/vetd/hashes.d/
+install -d -m 0755 /etc/vetd/rules.d
+[ -e /etc/vetd/rules.d/00-example.rules ] || install -m 0644 conf/rules.d/00-example.rules /etc/vetd/rules.d/
 install -d -m 0755 /etc/vetd/yara
 [ -e /etc/vetd/yara/eicar.yar ] || install -m 0644 conf/yara/eicar.yar /etc/vetd/yara/
 install -m 0644 systemd/vetd.service /etc/systemd/system/vetd.service

@@ -40,19 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup(config.daemon.log_level)
     if args.check_config:
-        from .plugins import PluginError, load_all
-        try:
-            for plugin in load_all(config.plugins):
-                plugin.close()
-        except PluginError as e:
-            print(f"vetd: {args.config}: {e}", file=sys.stderr)
-            return 1
-        for w in config.daemon.watch:
-            if not os.path.exists(w):
-                print(f"vetd: warning: watch path {w} does not exist (nothing to mark there yet)",
-                      file=sys.stderr)
-        print(f"{args.config}: OK")
-        return 0
+        from .check import check
+        report = check(args.config, tuple(args.watch) if args.watch else None)
+        report.print()
+        return 0 if report.ok else 1
     return run(config, tuple(args.watch) if args.watch else None)
 
 
@@ -61,6 +52,7 @@ def run(config, watch_override) -> int:  # type: ignore[no-untyped-def]
     from .daemon import Daemon
     from .fanotify import FanotifyError
     from .plugins import PluginError
+    from .rules import RuleError
     log = logging.getLogger("vetd")
     if os.geteuid() != 0:
         print("vetd: needs CAP_SYS_ADMIN to hold fanotify permission events: run it as root",
@@ -73,6 +65,9 @@ def run(config, watch_override) -> int:  # type: ignore[no-untyped-def]
         return 1
     except PluginError as e:
         print(f"vetd: {config.path}: {e}", file=sys.stderr)
+        return 1
+    except RuleError as e:
+        print(f"vetd: {e}", file=sys.stderr)
         return 1
     try:
         return daemon.run(watch_override)

@@ -7,6 +7,7 @@ Exit codes scripts can trust: 0 success, 1 vetd answered with an error, 2 vetd c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -235,6 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show what vetd is doing")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     commands.add_parser("reload", help="re-read the configuration")
+    check = commands.add_parser("check", help="lint a configuration (needs no running vetd): "
+                                "exit 0 if it would load and nothing is unsafe, 1 otherwise")
+    check.add_argument("--config", default="/etc/vetd/vetd.toml", help="the file to check")
+    check.add_argument("--json", action="store_true", help="findings as JSON")
     return parser
 
 
@@ -260,9 +265,21 @@ def _cmd_reload(sock: str, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(sock: str, args: argparse.Namespace) -> int:
+    from .check import check  # loads plugins and rules: only this command pays for it
+    report = check(args.config)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "errors": report.errors,
+                          "findings": [dataclasses.asdict(f) for f in report.findings]}, indent=2))
+    else:
+        report.print()
+    return EXIT_OK if report.ok else EXIT_DAEMON_ERROR
+
+
 _COMMANDS: dict[str, Callable[[str, argparse.Namespace], int]] = {
     "status": _cmd_status,
     "reload": _cmd_reload,
+    "check": _cmd_check,
 }
 
 

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import __version__, failpoints, fanotify as fan, mounts, plugins as plugin_loader
+from . import __version__, failpoints, fanotify as fan, mounts, plugins as plugin_loader, rules as rules_mod
 from .cache import VerdictCache, file_key, file_version
 from .config import Config, load as load_config
 from .control import ControlServer
@@ -62,6 +62,8 @@ class State:
     deadline_s: float
     policy: Policy
     breakers: dict[str, Breaker]
+    rules: rules_mod.RuleSet
+    rule_responses: dict[int, int]   # rule number -> deny response, for rules with their own errno
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -110,6 +112,8 @@ class Stats:
                                          "unhealthy": 0}
         self.late_detections = 0
         self.kernel_marks = 0
+        self.uncacheable_by_rules = 0
+        self.kills = 0
         self.overflows = 0
 
     def answered(self, allow: bool, reason: str, degraded: str | None) -> None:
@@ -123,8 +127,14 @@ class Stats:
                 self.degraded[degraded] = self.degraded.get(degraded, 0) + 1
 
 
+def load_rules(config: Config) -> rules_mod.RuleSet:
+    """The access rules of a config (RuleError names file, line and column)."""
+    return rules_mod.load_dir(config.rules_dir) if config.rules_dir else rules_mod.empty()
+
+
 def build_state(config: Config, features: fan.Features, accepts_errno: Callable[[int], bool],
-                generation: int, scope: tuple[bytes, ...], plugins: tuple[Plugin, ...]) -> State:
+                generation: int, scope: tuple[bytes, ...], plugins: tuple[Plugin, ...],
+                ruleset: rules_mod.RuleSet | None = None) -> State:
     perm = 0
     for name in config.daemon.events:
         if name == "exec" and not features.exec_perm:
@@ -139,8 +149,15 @@ def build_state(config: Config, features: fan.Features, accepts_errno: Callable[
     for p in plugins:
         pp = policy.plugins.get(p.name)
         breakers[p.name] = Breaker(pp.failure_threshold if pp else 5, pp.retry_after_s if pp else 30.0)
+    ruleset = ruleset if ruleset is not None else rules_mod.empty()
+    responses = {}
+    for r in ruleset.rules:
+        if r.errno and r.errno != "EPERM":
+            e = getattr(errno, r.errno)
+            responses[r.number] = fan.deny_errno_response(e) if features.deny_errno and accepts_errno(e) \
+                else fan.FAN_DENY
     return State(config, Exclusions(config.exclude, scope), plugins, generation, perm, deny,
-                 config.scan.deadline_ms / 1000.0, policy, breakers)
+                 config.scan.deadline_ms / 1000.0, policy, breakers, ruleset, responses)
 
 
 class Daemon:
@@ -164,13 +181,14 @@ class Daemon:
         self._reloading = False
         self.marked: dict[int, mounts.Mount] = {}
         self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
-        self.group = fan.Group.open(want_audit=True,
-                                    want_pidfd=Exclusions(config.exclude).needs_subject)
+        ruleset = load_rules(config)
+        self.group = fan.Group.open(want_audit=True, want_pidfd=Exclusions(config.exclude).needs_subject
+                                    or ruleset.needs_subject)
         log.info("fanotify %s", self.group.features.describe())
         for note in self.group.features.notes:
             log.warning("%s", note)
         plugins = tuple(plugin_loader.load_all(config.plugins))
-        self.state = self._build_state(config, self.cache.generation, plugins)
+        self.state = self._build_state(config, self.cache.generation, plugins, ruleset)
         self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
         self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
                                  lambda: self.pool.depth == 0 and self.pool.busy == 0)
@@ -179,9 +197,14 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept for poll)
 
-    def _build_state(self, config: Config, generation: int, plugins: tuple[Plugin, ...]) -> State:
+    def _build_state(self, config: Config, generation: int, plugins: tuple[Plugin, ...],
+                     ruleset: rules_mod.RuleSet) -> State:
         st = build_state(config, self.group.features, self.group.accepts_deny_errno, generation, (),
-                         plugins)
+                         plugins, ruleset)
+        for number, resp in st.rule_responses.items():
+            if resp == fan.FAN_DENY:
+                log.warning("rule %d: its errno is not accepted by this kernel; it denies with EPERM",
+                            number)
         if config.daemon.deny_errno != "EPERM" and st.deny_response == fan.FAN_DENY:
             log.warning("deny_errno = %s is not accepted by this kernel (it needs a pre-content "
                         "group, 6.14+, and one of the errnos fanotify allows): openers will see EPERM",
@@ -223,13 +246,23 @@ class Daemon:
 
     # ------------------------------------------------------------------ answers -----------------
     def _answer(self, p: Pending, allow: bool, reason: str, degraded: str | None = None,
-                why: str = "") -> bool:
-        """Answer an event exactly once; False if it was answered already."""
+                why: str = "", rule: rules_mod.Rule | None = None) -> bool:
+        """Answer an event exactly once; False if it was answered already. An answer decided
+        by a rule asks the kernel for an audit record carrying the rule's number."""
         with self._answer_lock:
             if p.answered:
                 return False
             p.answered = True
-        self.group.respond(p.fd, fan.FAN_ALLOW if allow else p.state.deny_response)
+        if allow:
+            response = fan.FAN_ALLOW
+        elif rule is not None:
+            response = p.state.rule_responses.get(rule.number, p.state.deny_response)
+        else:
+            response = p.state.deny_response
+        if rule is not None:
+            self.group.respond(p.fd, response, audit=True, rule_number=rule.number)
+        else:
+            self.group.respond(p.fd, response)
         self.stats.answered(allow, reason, degraded)
         if not allow:
             log.warning("deny %s %s by %s: %s", p.op, p.obj.display_path, p.subject.describe(),
@@ -252,9 +285,40 @@ class Daemon:
         return allow
 
     def _kernel_cache(self, p: Pending) -> None:
+        """Let the kernel answer later opens of this clean file, unless a rule could decide
+        differently for another opener (a rule that depends on who opens, or an audit)."""
         st = p.state
-        if st.config.daemon.kernel_cache and self.group.ignore_inode(p.fd, st.perm_mask):
+        if not st.config.daemon.kernel_cache:
+            return
+        if st.rules.rules and st.rules.may_match_object("any", p.obj):
+            self.stats.uncacheable_by_rules += 1
+            return
+        if self.group.ignore_inode(p.fd, st.perm_mask):
             self.stats.kernel_marks += 1
+
+    def _apply_rule(self, p: Pending, rule: rules_mod.Rule) -> None:
+        why = f"rule {rule.number} ({rule.where}): {rule.text}"
+        if rule.action == "allow":
+            self._answer(p, True, "rule")
+        elif rule.action == "audit":
+            if self._answer(p, True, "rule", rule=rule):
+                log.warning("audit %s %s by %s: %s", p.op, p.obj.display_path, p.subject.describe(), why)
+        else:
+            if rule.action == "kill":
+                self._kill(p, why)
+            self._answer(p, False, "rule", why=why, rule=rule)
+
+    def _kill(self, p: Pending, why: str) -> None:
+        """SIGKILL the opener: through its pidfd when there is one (no pid-reuse race)."""
+        try:
+            if p.pidfd >= 0:
+                signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
+            else:
+                os.kill(p.subject.pid, signal.SIGKILL)
+            self.stats.kills += 1
+            log.warning("kill %s (%s %s): %s", p.subject.describe(), p.op, p.obj.display_path, why)
+        except OSError as e:
+            log.warning("kill %s: %s", p.subject.describe(), e.strerror)
 
     # ------------------------------------------------------------------ the hot path ------------
     def _handle(self, ev: fan.Event) -> None:
@@ -291,6 +355,11 @@ class Daemon:
         if excluded is not None:
             self._answer(p, True, "excluded")
             return
+        if st.rules.rules:
+            rule = st.rules.evaluate(p.op, p.subject, obj)
+            if rule is not None:
+                self._apply_rule(p, rule)
+                return
         verdict = self.cache.lookup(obj.key, obj.version)
         if verdict is not None:
             self._answer(p, not verdict.denied, "cache", why=verdict.reason)
@@ -478,8 +547,9 @@ class Daemon:
             cfg = self._reload_source()
             if self._watch_override is not None:
                 cfg = cfg.with_watch(self._watch_override)
+            ruleset = load_rules(cfg)
             plugins = tuple(plugin_loader.load_all(cfg.plugins))
-            new = self._build_state(cfg, 0, plugins)
+            new = self._build_state(cfg, 0, plugins, ruleset)
             msg = f"reloaded {cfg.path}"
         except Exception as e:
             msg = f"reload failed, keeping the running configuration: {e}"
@@ -557,6 +627,9 @@ class Daemon:
                         "workers": self.pool.workers},
             "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
             "late_detections": s.late_detections,
+            "rules": {"count": len(st.rules), "files": list(st.rules.files), "kills": s.kills,
+                      "uncacheable_in_kernel": s.uncacheable_by_rules,
+                      "hits": [h for h in st.rules.hit_table() if h["hits"]]},
             "rescan": {"queued": self.rescans.depth, "limit": st.config.degraded.rescan_queue,
                        "enabled": st.config.degraded.rescan},
         }

@@ -52,7 +52,7 @@ def _translate(pattern: str) -> bytes:
             neg = body[:1] in (b"!", b"^")
             if neg:
                 body = body[1:]
-            body = body.replace(b"\\", b"\\\\")
+            body = body.replace(b"\\", b"\\\\").replace(b"[", b"\\[")  # no nested sets
             out.append(b"[" + (b"^/" if neg else b"") + body + b"]")
             i = j + 1
         else:

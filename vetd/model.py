@@ -88,11 +88,11 @@ class Subject:
 
     @property
     def loginuid(self) -> int | None:
-        """The audit login uid (who logged in, whatever su or sudo did since); None if unset."""
+        """The audit login uid (who logged in, whatever su or sudo did since); 4294967295 when
+        no login session started the process, None when it cannot be read."""
         if self._loginuid is _UNSET:
             raw = _read_proc(b"/proc/%d/loginuid" % self.pid)
-            v = int(raw) if raw and raw.strip().isdigit() else None
-            self._loginuid = None if v == 4294967295 else v
+            self._loginuid = int(raw) if raw and raw.strip().isdigit() else None
         return self._loginuid  # type: ignore[return-value]
 
     @property

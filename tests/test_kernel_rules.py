@@ -1,0 +1,142 @@
+"""Access rules enforced on the real kernel: errno read off child openers with their own exe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import exec_as_child, open_as_child
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def programs(tmp_path: Path):
+    """Two copies of the Python interpreter: one that is "httpd", one that is not."""
+    real = os.path.realpath(sys.executable)
+    (tmp_path / "usr" / "sbin").mkdir(parents=True)
+    (tmp_path / "bin").mkdir()
+    httpd = tmp_path / "usr" / "sbin" / "httpd"
+    other = tmp_path / "bin" / "other"
+    shutil.copy2(real, httpd)
+    shutil.copy2(real, other)
+    return httpd, other
+
+
+def with_rules(v, text: str, name: str = "10-test.rules") -> Path:
+    d = v.dir / "rules.d"
+    d.mkdir(exist_ok=True)
+    (d / name).write_text(text)
+    return d
+
+
+def start_with_rules(vetd_factory, tmpfs, text: str, extra: str = ""):
+    v = vetd_factory([tmpfs])
+    d = with_rules(v, text)
+    v.write_config([tmpfs], f'[rules]\ndir = "{d}"\n{extra}',
+                   f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
+    return v.start()
+
+
+def test_only_httpd_opens_the_web_root(tmpfs, vetd_factory, programs):
+    httpd, other = programs
+    (tmpfs / "www").mkdir()
+    (tmpfs / "www" / "index.html").write_text("<html>")
+    (tmpfs / "elsewhere.txt").write_text("x")
+    v = start_with_rules(vetd_factory, tmpfs, f"only {httpd} open {tmpfs}/www/**\n")
+    assert open_as_child(tmpfs / "www" / "index.html", exe=str(httpd)) == "OK"
+    assert open_as_child(tmpfs / "www" / "index.html", exe=str(other)) == "EPERM"
+    assert open_as_child(tmpfs / "www" / "index.html") == "EPERM"
+    assert open_as_child(tmpfs / "elsewhere.txt", exe=str(other)) == "OK"
+    # httpd's allowed open must not have put the file in the kernel cache: others still refused
+    assert open_as_child(tmpfs / "www" / "index.html", exe=str(httpd)) == "OK"
+    assert open_as_child(tmpfs / "www" / "index.html", exe=str(other)) == "EPERM"
+    st = v.status()
+    assert st["rules"]["count"] == 1
+    assert st["rules"]["hits"][0]["hits"] == 3
+    assert st["rules"]["uncacheable_in_kernel"] >= 1
+    assert "rule 1 (" in v.log_text() and "10-test.rules:1" in v.log_text()
+
+
+def test_exec_from_a_directory_is_denied_while_reading_it_is_allowed(tmpfs, vetd_factory):
+    (tmpfs / "bin").mkdir()
+    tool = tmpfs / "bin" / "tool"
+    shutil.copy2("/bin/true", tool)
+    start_with_rules(vetd_factory, tmpfs, f"deny exec {tmpfs}/bin/**\n")
+    assert exec_as_child(tool) == "EPERM"
+    assert open_as_child(tool) == "OK"
+
+
+def test_kill_kills_the_opener(tmpfs, vetd_factory):
+    (tmpfs / "trap").mkdir()
+    (tmpfs / "trap" / "bait").write_text("x")
+    v = start_with_rules(vetd_factory, tmpfs, f"kill open {tmpfs}/trap/**\n")
+    r = subprocess.run([sys.executable, "-c", f"open({str(tmpfs / 'trap' / 'bait')!r}); print('survived')"],
+                       capture_output=True, timeout=15)
+    assert r.returncode == -signal.SIGKILL and b"survived" not in r.stdout
+    assert v.status()["rules"]["kills"] == 1
+
+
+def test_audit_allows_and_logs(tmpfs, vetd_factory):
+    (tmpfs / "audited").mkdir()
+    (tmpfs / "audited" / "f").write_text("x")
+    v = start_with_rules(vetd_factory, tmpfs, f"audit open {tmpfs}/audited/**\n")
+    assert open_as_child(tmpfs / "audited" / "f") == "OK"
+    assert open_as_child(tmpfs / "audited" / "f") == "OK"      # audited every time: never cached
+    log = v.log_text()
+    assert sum(1 for line in log.splitlines() if line.startswith("WARNING vetd: audit open")) == 2
+    assert "10-test.rules:1" in log
+
+
+def test_a_rule_errno_reaches_the_opener(tmpfs, vetd_factory):
+    (tmpfs / "f").write_text("x")
+    v = start_with_rules(vetd_factory, tmpfs, f"deny(EIO) open {tmpfs}/f\n")
+    expected = "EIO" if v.status()["features"]["deny_errno"] else "EPERM"
+    assert open_as_child(tmpfs / "f") == expected
+
+
+def test_files_no_rule_covers_are_still_cached_in_the_kernel(tmpfs, vetd_factory, programs):
+    httpd, _ = programs
+    (tmpfs / "www").mkdir()
+    (tmpfs / "free.txt").write_text("x")
+    v = start_with_rules(vetd_factory, tmpfs, f"only {httpd} open {tmpfs}/www/**\n")
+    assert open_as_child(tmpfs / "free.txt") == "OK"
+    assert v.status()["cache"]["kernel_marks"] == 1
+
+
+def test_bad_rules_refuse_to_start_and_a_bad_reload_keeps_the_old_set(tmpfs, vetd_factory):
+    (tmpfs / "secret").write_text("x")
+    v = vetd_factory([tmpfs])
+    d = with_rules(v, "deny opne /x\n")
+    v.write_config([tmpfs], f'[rules]\ndir = "{d}"\n', f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
+    r = subprocess.run([sys.executable, "-m", "vetd", "--config", str(v.config)], capture_output=True,
+                       timeout=20)
+    assert r.returncode == 1
+    assert "10-test.rules:1:6" in r.stderr.decode(), r.stderr.decode()
+    with_rules(v, f"deny open {tmpfs}/secret\n")
+    v.start()
+    assert open_as_child(tmpfs / "secret") == "EPERM"
+    n = len(v.messages)
+    with_rules(v, "deny open relative/path\n")
+    v.signal(signal.SIGHUP)
+    v.wait_message("READY=1", after=n)
+    assert "reload failed, keeping the running configuration" in v.log_text()
+    assert "10-test.rules:1" in v.log_text()
+    assert open_as_child(tmpfs / "secret") == "EPERM"
+
+
+def test_check_config_lints_rules(tmpfs, vetd_factory, tmp_path):
+    v = vetd_factory([tmpfs])
+    d = with_rules(v, f"deny open {tmpfs}/a/**\ndeny open {tmpfs}/a/b\ndeny open /nowhere-watched/**\n")
+    v.write_config([tmpfs], f'[rules]\ndir = "{d}"\n', f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
+    r = subprocess.run([sys.executable, "-m", "vetd.ctl", "check", "--config", str(v.config)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "NOT OK" in r.stdout
+    assert "10-test.rules:2: warning: never matches: rule 1" in r.stderr, r.stderr
+    assert "10-test.rules:3: error" in r.stderr and "outside every watched tree" in r.stderr
