@@ -66,6 +66,20 @@ class VerdictCache:
         self.hits += 1
         return entry.verdict
 
+    def is_clean(self, key: FileKey, version: FileVersion) -> bool:
+        """The read loop's fast path: True only for a cached, current, unexpiring allow.
+        Anything else (a miss, a deny, a ttl) goes the full way through lookup()."""
+        lru = self._lru
+        if lru is None:
+            return False
+        with self._lock:
+            entry = lru.get(key)
+        if (entry is not None and entry.version == version and entry.generation == self.generation
+                and entry.expires is None and not entry.verdict.denied):
+            self.hits += 1
+            return True
+        return False
+
     def store(self, key: FileKey, version: FileVersion, verdict: Verdict, generation: int) -> None:
         """Store a verdict computed under `generation`; a result from before a reload is dropped."""
         if self._lru is None or not verdict.cacheable or generation != self.generation:

@@ -53,6 +53,12 @@ class Exclusions:
     scope: tuple[bytes, ...] = ()
 
     @property
+    def trivial(self) -> bool:
+        """Nothing but the file-type layer: the read loop may take its fast path."""
+        c = self.config
+        return not (self.scope or c.ops or c.exe or c.comm or c.uids or c.paths or c.only_paths)
+
+    @property
     def needs_subject(self) -> bool:
         c = self.config
         return bool(c.exe or c.comm or c.uids)

@@ -18,3 +18,7 @@ class InjectedFailure(RuntimeError):
 def hit(name: str) -> None:
     if _ACTIVE and name in _ACTIVE:
         raise InjectedFailure(f"failpoint {name}")
+
+
+def active() -> bool:
+    return bool(_ACTIVE)
