@@ -407,3 +407,17 @@ def test_without_cap_sys_admin_vetd_exits_with_one_line_saying_what_is_missing(t
     assert r.returncode == 1
     lines = r.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "CAP_SYS_ADMIN" in lines[0], lines
+
+
+def test_sigterm_with_an_event_held_answers_it_and_exits_cleanly(tmpfs, vetd_factory, plugin_site):
+    (tmpfs / "f").write_text("x\n")
+    v = vetd_factory([tmpfs], pythonpath=plugin_site,
+                     extra='[scan]\ndeadline_ms = 60000\non_timeout = "deny"',
+                     plugins="[plugins.sleepy]\nseconds = 120\n").start()
+    child = subprocess.Popen([sys.executable, "-c", OPEN_ONE, str(tmpfs / "f")], stdout=subprocess.PIPE)
+    wait_for(lambda: v.status()["backlog"]["in_flight"] == 1, what="the open to be held")
+    v.signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=15)
+    assert out.decode().strip() == "EPERM"      # answered by the policy, not by the exit
+    assert v.proc.wait(15) == 0
+    assert open_as_child(tmpfs / "f") == "OK"   # nothing is marked any more

@@ -743,8 +743,8 @@ class Daemon:
             self._loop()
         finally:
             self.notifier.stopping()
-            log.info("stopping: answering what is pending, then closing the group "
-                     "(the kernel allows what arrives after)")
+            log.info("stopping: removing the marks, answering what is pending; the kernel allows "
+                     "whatever is left when the process exits")
             self._shutdown()
         return 0
 
@@ -839,6 +839,9 @@ class Daemon:
                 time.sleep(0.01)
 
     def _shutdown(self) -> None:
+        # No new events from here on: interpreter shutdown may open files on this thread while
+        # the read loop can no longer run, and such an open would wait for ever.
+        self.group.flush_marks()
         # Answer what the workers still hold by the timeout policy: the kernel would allow them
         # when the group closes anyway, but an answer says so in the log and the counters.
         with self._deadline_lock:

@@ -266,6 +266,11 @@ class Group:
         flags = FAN_MARK_ADD | FAN_MARK_IGNORE | FAN_MARK_EVICTABLE
         return _fanotify_mark(self.fd, flags, mask, event_fd, None) == 0
 
+    def flush_marks(self) -> None:
+        """Remove every mark of this group: no new event is raised from here on."""
+        for kind in (FAN_MARK_FILESYSTEM, FAN_MARK_MOUNT, FAN_MARK_INODE):
+            _fanotify_mark(self.fd, FAN_MARK_FLUSH | kind, 0, AT_FDCWD, None)
+
     def flush_ignores(self) -> None:
         """Drop all kernel-side cache entries (inode marks); filesystem and mount marks stay."""
         _fanotify_mark(self.fd, FAN_MARK_FLUSH | FAN_MARK_INODE, 0, AT_FDCWD, None)
