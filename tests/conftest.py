@@ -128,6 +128,13 @@ TEST_PLUGINS = textwrap.dedent('''
                 time.sleep(float(self.config.get("seconds", 30)))
             return Verdict.allow()
 
+    class Garbage(Plugin):
+        """Answers with something that is not a Verdict."""
+        name = "garbage"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            return self.config.get("answer", "allow")
+
     class Flaky(Plugin):
         """Fails while its flag file exists (the flag is outside any watched filesystem)."""
         name = "flaky"
@@ -189,7 +196,8 @@ def plugin_site(tmp_path: Path) -> Path:
     (dist / "entry_points.txt").write_text(
         "[vetd.plugins]\nsleepy = vetd_testplugins:Sleepy\nraises = vetd_testplugins:Raises\n"
         "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n"
-        "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n")
+        "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n"
+        "garbage = vetd_testplugins:Garbage\n")
     return site
 
 

@@ -274,3 +274,38 @@ def test_plugin_host_keys_are_validated():
         cfg.parse('[plugins.x]\non_failure = "maybe"')
     with pytest.raises(cfg.ConfigError, match=r"\[degraded.class #1\] paths"):
         cfg.parse('[[degraded.class]]\nname = "x"')
+
+
+# --- plugin loading -------------------------------------------------------------------------------
+def test_plugin_files_writable_by_others_are_refused(tmp_path, monkeypatch):
+    import importlib
+    import sys
+    from vetd import plugins
+    site = tmp_path / "site"
+    site.mkdir(mode=0o755)
+    (site / "vetd_unsafe_plugin.py").write_text(
+        "from vetd.sdk import API_VERSION, Plugin, Verdict\n"
+        "class P(Plugin):\n    name = 'unsafe'\n    api_version = API_VERSION\n"
+        "    def scan(self, f, o):\n        return Verdict.allow()\n")
+    dist = site / "vetd_unsafe-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vetd-unsafe\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[vetd.plugins]\nunsafe = vetd_unsafe_plugin:P\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    os.chmod(site / "vetd_unsafe_plugin.py", 0o664)
+    with pytest.raises(plugins.PluginError, match="writable by group or others"):
+        plugins.load("unsafe", {})
+    assert "vetd_unsafe_plugin" not in sys.modules, "refused code was imported anyway"
+    os.chmod(site / "vetd_unsafe_plugin.py", 0o644)
+    assert plugins.load("unsafe", {}).name == "unsafe"
+
+
+def test_plugins_for_another_sdk_major_are_refused():
+    from vetd import plugins
+    from vetd.sdk import Plugin
+
+    class Future(Plugin):
+        api_version = "2.0"
+    with pytest.raises(plugins.PluginError, match="written for SDK 2.0"):
+        plugins._check_api("future", Future)

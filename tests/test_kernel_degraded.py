@@ -122,3 +122,14 @@ def test_a_flood_larger_than_the_backlog_is_answered_on_time(tmpfs, vetd_factory
     denied = sum(1 for r, _ in results if r == "EPERM")
     assert denied >= 1 and denied == v.status()["degraded"]["backlog"]
     assert v.proc.poll() is None
+
+
+@pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])
+def test_a_plugin_answering_garbage_is_a_failure_answered_by_policy(tmpfs, vetd_factory, plugin_site,
+                                                                   policy, expected):
+    (tmpfs / "f").write_text("x")
+    v = vetd_factory([tmpfs], pythonpath=plugin_site,
+                     plugins=f'[plugins.garbage]\nanswer = "allow"\non_failure = "{policy}"\n').start()
+    assert open_as_child(tmpfs / "f") == expected
+    assert plugin(v, "garbage")["errors"] == 1
+    assert "not a Verdict" in v.log_text()
