@@ -55,8 +55,12 @@ class Exclusions:
     @property
     def trivial(self) -> bool:
         """Nothing but the file-type layer: the read loop may take its fast path."""
-        c = self.config
-        return not (self.scope or c.ops or c.exe or c.comm or c.uids or c.paths or c.only_paths)
+        t = self.__dict__.get("_trivial")
+        if t is None:
+            c = self.config
+            t = not (self.scope or c.ops or c.exe or c.comm or c.uids or c.paths or c.only_paths)
+            object.__setattr__(self, "_trivial", t)
+        return t
 
     @property
     def needs_subject(self) -> bool:
