@@ -31,7 +31,7 @@ from vetd import __version__
 from vetd.agent_protocol import (SUPPORTED_VERSIONS, AgentHello, ClientHello, ConnectionClosed,
                                  ErrorReply, ProtocolError, Reply, ScanRequest, VerdictReply,
                                  decode_reply, encode, recv_frame, send_frame)
-from vetd.sdk import API_VERSION, Decision, Opener, Plugin, PluginConfigError, ScanFile, Verdict
+from vetd.sdk import API_VERSION, check_keys, number_option, Decision, Opener, Plugin, PluginConfigError, ScanFile, Verdict
 
 _KEYS = frozenset({"socket", "timeout_s", "connections"})
 _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
@@ -41,22 +41,13 @@ class AgentError(RuntimeError):
     """A scan the agent did not answer with a verdict; str() names the agent and what went wrong."""
 
 
-def _number(config: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    v = config.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
-        raise PluginConfigError(f"{key}: expected a number in ({lo:g}, {hi:g}], got {v!r}")
-    return float(v)
-
-
 class Agent(Plugin):
     name = "agent"
     api_version = API_VERSION
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        unknown = set(config) - _KEYS
-        if unknown:
-            raise PluginConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
+        check_keys(config, _KEYS)
         path = config.get("socket")
         if not isinstance(path, str) or not path:
             raise PluginConfigError("socket: required, the path of the agent's Unix socket")
@@ -66,7 +57,7 @@ class Agent(Plugin):
         if isinstance(conns, bool) or not isinstance(conns, int) or not 1 <= conns <= 256:
             raise PluginConfigError(f"connections: expected an integer in 1..256, got {conns!r}")
         self.socket_path = path
-        self.timeout_s = _number(config, "timeout_s", 5, 0, 3600)
+        self.timeout_s = number_option(config, "timeout_s", 5, low=0, high=3600, what="a number")
         self.connections = conns
         self.agent_software: str | None = None  # from the last handshake, for status and logs
         self._slots = threading.BoundedSemaphore(conns)

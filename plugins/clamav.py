@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from vetd.sdk import API_VERSION, Opener, Plugin, PluginConfigError, ScanFile, Verdict
+from vetd.sdk import API_VERSION, check_keys, number_option, Opener, Plugin, PluginConfigError, ScanFile, Verdict
 
 log = logging.getLogger("vetd.plugins.clamav")
 
@@ -70,20 +70,6 @@ class _Stale(Exception):
 
 
 # --- configuration ---------------------------------------------------------------------------------
-def _number(config: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    v = config.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
-        raise PluginConfigError(f"{key}: expected a number of seconds in ({lo:g}, {hi:g}], got {v!r}")
-    return float(v)
-
-
-def _integer(config: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    v = config.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise PluginConfigError(f"{key}: expected an integer in [{lo}, {hi}], got {v!r}")
-    return v
-
-
 def parse_address(text: Any) -> tuple[str, int]:
     """'host:port' or '[v6addr]:port' -> (host, port); PluginConfigError otherwise."""
     if not isinstance(text, str) or not text:
@@ -214,10 +200,7 @@ class ClamAV(Plugin):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        unknown = set(config) - KEYS
-        if unknown:
-            raise PluginConfigError(f"unknown key(s): {', '.join(sorted(unknown))} "
-                                    f"(known: {', '.join(sorted(KEYS))})")
+        check_keys(config, KEYS)
         if "socket" in config and "address" in config:
             raise PluginConfigError("set either socket (local clamd) or address (remote clamd), not both")
         self.address: tuple[str, int] | None = None
@@ -234,8 +217,10 @@ class ClamAV(Plugin):
                                         f"({_SUN_PATH_MAX} bytes)")
             self.socket_path = path
             self.target = path
-        self.timeout_s = _number(config, "timeout_s", DEFAULT_TIMEOUT_S, 0.0, 3600.0)
-        self.connections = _integer(config, "connections", DEFAULT_CONNECTIONS, 1, 256)
+        self.timeout_s = number_option(config, "timeout_s", DEFAULT_TIMEOUT_S, low=0.0, high=3600.0,
+                                       what="a number of seconds")
+        self.connections = int(number_option(config, "connections", DEFAULT_CONNECTIONS, low=1,
+                                             high=256, integer=True))
         self._persistent = True  # keep sessions open between scans (see docs/plugins/clamav.md)
         self._slots = threading.BoundedSemaphore(self.connections)
         self._lock = threading.Lock()

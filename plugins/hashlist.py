@@ -14,7 +14,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from vetd.sdk import API_VERSION, Opener, Plugin, PluginConfigError, ScanFile, Verdict
+from vetd.sdk import API_VERSION, check_keys, Opener, Plugin, PluginConfigError, ScanFile, Verdict
 
 _HEX = frozenset(string.hexdigits)
 
@@ -52,9 +52,7 @@ class HashList(Plugin):
         files = config.get("deny", [])
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise PluginConfigError("deny: expected a list of hash-list file paths")
-        unknown = set(config) - {"deny"}
-        if unknown:
-            raise PluginConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
+        check_keys(config, {"deny"})
         self.deny: dict[str, tuple[str, int | None]] = {}
         for path in files:
             try:

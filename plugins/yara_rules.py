@@ -19,7 +19,7 @@ from typing import Any
 
 import yara
 
-from vetd.sdk import API_VERSION, Opener, Plugin, PluginConfigError, ScanFile, Verdict
+from vetd.sdk import API_VERSION, check_keys, Opener, Plugin, PluginConfigError, ScanFile, Verdict
 
 log = logging.getLogger("vetd.plugins.yara")
 
@@ -76,10 +76,7 @@ class YaraRules(Plugin):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        unknown = set(config) - KNOWN_KEYS
-        if unknown:
-            raise PluginConfigError(f"unknown key(s): {', '.join(sorted(unknown))} "
-                                    f"(known: {', '.join(sorted(KNOWN_KEYS))})")
+        check_keys(config, KNOWN_KEYS)
         self.timeout_s = _positive_int(config, "timeout_s", DEFAULT_TIMEOUT_S)
         self.max_size = _size(config, "max_size", DEFAULT_MAX_SIZE)
         self.externals = _externals(config.get("externals", {}))

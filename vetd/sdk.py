@@ -16,13 +16,14 @@ import enum
 import hashlib
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 API_VERSION = "1.0"
 
-__all__ = ["API_VERSION", "Decision", "Verdict", "ScanFile", "Opener", "Plugin", "PluginConfigError"]
+__all__ = ["API_VERSION", "Decision", "Verdict", "ScanFile", "Opener", "Plugin", "PluginConfigError",
+           "check_keys", "number_option"]
 
 
 class Decision(str, enum.Enum):
@@ -56,6 +57,29 @@ class Verdict:
 
 class PluginConfigError(ValueError):
     """Raised by a plugin's constructor for a bad configuration table; vetd refuses to load."""
+
+
+def check_keys(config: Mapping[str, Any], known: Iterable[str]) -> None:
+    """PluginConfigError naming every key of `config` that is not in `known` (a typo must not
+    pass silently as a default)."""
+    known = frozenset(known)
+    unknown = set(config) - known
+    if unknown:
+        raise PluginConfigError(f"unknown key(s): {', '.join(sorted(unknown))} "
+                                f"(known: {', '.join(sorted(known))})")
+
+
+def number_option(config: Mapping[str, Any], key: str, default: float, *, low: float, high: float,
+                  integer: bool = False, what: str = "a number") -> float:
+    """`config[key]` (or `default`) checked to lie in (low, high] (integers: [low, high])."""
+    v = config.get(key, default)
+    if integer:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise PluginConfigError(f"{key}: expected an integer in [{low:g}, {high:g}], got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v <= high:
+        raise PluginConfigError(f"{key}: expected {what} in ({low:g}, {high:g}], got {v!r}")
+    return float(v)
 
 
 class ScanFile:
