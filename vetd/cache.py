@@ -36,6 +36,7 @@ class Entry(NamedTuple):
     generation: int
     verdict: Verdict
     expires: float | None  # monotonic seconds, from the verdict's ttl
+    kernel: bool = True    # False once the rules said this file may not be cached in the kernel
 
 
 class VerdictCache:
@@ -53,6 +54,11 @@ class VerdictCache:
         return len(self._lru) if self._lru is not None else 0
 
     def lookup(self, key: FileKey, version: FileVersion) -> Verdict | None:
+        entry = self.entry(key, version)
+        return entry.verdict if entry is not None else None
+
+    def entry(self, key: FileKey, version: FileVersion) -> Entry | None:
+        """The current entry for this version of the file, or None (counted as a miss)."""
         lru = self._lru
         if lru is None:
             self.misses += 1
@@ -64,7 +70,15 @@ class VerdictCache:
             self.misses += 1
             return None
         self.hits += 1
-        return entry.verdict
+        return entry
+
+    def not_for_kernel(self, key: FileKey) -> None:
+        """Remember that this file may not get a kernel ignore mark (so hits skip the question)."""
+        if self._lru is not None:
+            with self._lock:
+                e = self._lru.get(key)
+                if e is not None and e.kernel:
+                    self._lru[key] = e._replace(kernel=False)
 
     def is_clean(self, key: FileKey, version: FileVersion) -> bool:
         """The read loop's fast path: True only for a cached, current, unexpiring allow.

@@ -76,6 +76,10 @@ class State:
                            and not failpoints.active())
 
 
+_CLOSED_OBJ = FileObject(-1)
+_CLOSED_SUBJECT = Subject(0)
+
+
 class Pending:
     """One permission event between intake and answer."""
 
@@ -97,6 +101,9 @@ class Pending:
         self.plugin_deadline = 0.0
 
     def close(self) -> None:
+        """Close the fds and let go of the file and process facts: an answered event may sit
+        in the deadline heap until the housekeeper next wakes, and thousands of them carrying
+        stat results and scan buffers were most of vetd's memory after a cold burst."""
         for fd in (self.fd, self.pidfd):
             if fd >= 0:
                 try:
@@ -104,6 +111,8 @@ class Pending:
                 except OSError:
                     pass
         self.fd = self.pidfd = -1
+        self.obj = _CLOSED_OBJ
+        self.subject = _CLOSED_SUBJECT
 
 
 class Stats:
@@ -309,6 +318,7 @@ class Daemon:
             return
         if st.rules.rules and st.rules.may_match_object("any", p.obj):
             self.stats.uncacheable_by_rules += 1
+            self.cache.not_for_kernel(p.obj.key)
             return
         if self.group.ignore_inode(p.fd, st.perm_mask):
             self.stats.kernel_marks += 1
@@ -404,11 +414,12 @@ class Daemon:
             if rule is not None:
                 self._apply_rule(p, rule)
                 return
-        verdict = self.cache.lookup(obj.key, obj.version)
-        if verdict is not None:
+        entry = self.cache.entry(obj.key, obj.version)
+        if entry is not None:
+            verdict = entry.verdict
             self._answer(p, not verdict.denied, "cache", why=verdict.reason)
-            if not verdict.denied:
-                self._kernel_cache(p)
+            if not verdict.denied and entry.kernel:
+                self._kernel_cache(p)  # the kernel evicted its mark, or the rules forbid one
             return
         if obj.stat.st_size > st.config.scan.max_size:
             self._answer_by_policy(p, "too_big", f"{obj.stat.st_size} bytes > max_size")
@@ -545,6 +556,9 @@ class Daemon:
         with self._deadline_lock:
             while dl and (dl[0][2].answered or dl[0][0] <= now):
                 expired.append(heapq.heappop(dl)[2])
+            if len(dl) > 1024:  # answered events wait behind older ones: drop them all at once
+                dl[:] = [d for d in dl if not d[2].answered]
+                heapq.heapify(dl)
         for p in expired:
             if not p.answered:
                 self._timeout(p, now, f"no verdict within {p.state.deadline_s:g}s")
