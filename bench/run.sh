@@ -6,7 +6,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BUILD="$HERE/build"
-TIMEOUT="${BENCH_TIMEOUT:-900}"   # outer guard, seconds; the default run takes ~2 minutes
+TIMEOUT="${BENCH_TIMEOUT:-900}"   # outer guard, seconds; the default run takes under a minute
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "bench: run as root (fanotify permission events and mount need it)" >&2
@@ -30,6 +30,16 @@ done
 STATE="$(mktemp /tmp/vetd-bench-state.XXXXXX)"
 cleanup() {
     if [ -s "$STATE" ]; then
+        # bench.py first, if it outlived us somehow: it must not run on while its tmpfs goes away.
+        # SIGTERM lets it clean up itself; SIGKILL after 15 s.
+        while read -r kind val; do
+            if [ "$kind" = bench ] && [ -r "/proc/$val/cmdline" ] &&
+                tr '\0' ' ' <"/proc/$val/cmdline" | grep -q 'bench\.py'; then
+                kill -TERM "$val" 2>/dev/null || true
+                for _ in $(seq 150); do [ -e "/proc/$val" ] || break; sleep 0.1; done
+                kill -KILL "$val" 2>/dev/null || true
+            fi
+        done <"$STATE"
         while read -r kind val; do
             case "$kind" in
                 pid)
