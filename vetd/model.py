@@ -32,7 +32,7 @@ class Subject:
     """The opening process. Attributes are None when they cannot be read (exited, kernel thread)."""
 
     __slots__ = ("pid", "pidfd", "_exe", "_comm", "_uid", "_gid", "_loginuid", "_cgroup", "_ppid",
-                 "_parent_exe")
+                 "_parent_exe", "_status")
 
     def __init__(self, pid: int, pidfd: int = -1):
         self.pid = pid
@@ -45,6 +45,7 @@ class Subject:
         self._cgroup: object = _UNSET
         self._ppid: object = _UNSET
         self._parent_exe: object = _UNSET
+        self._status: bytes | None = None
 
     @property
     def exe(self) -> bytes | None:
@@ -152,12 +153,15 @@ class Subject:
         return self._status_field(b"Uid:")
 
     def _status_field(self, name: bytes) -> int | None:
-        data = _read_proc(b"/proc/%d/status" % self.pid)
-        if data:
-            for line in data.split(b"\n"):
-                if line.startswith(name):
-                    return int(line.split()[1])
-        return None
+        """One field of /proc/PID/status; the file is read once per event for all of them."""
+        data = self._status
+        if data is None:
+            data = self._status = _read_proc(b"/proc/%d/status" % self.pid) or b""
+        at = data.find(b"\n" + name)
+        if at < 0:
+            return None
+        fields = data[at + len(name) + 1:data.find(b"\n", at + 1)].split()
+        return int(fields[0]) if fields else None
 
     def describe(self) -> str:
         exe = self.exe
