@@ -246,7 +246,7 @@ class FileObject:
         """The SDK view of this file, shared by rules (sha256) and scanners, hashes computed once."""
         sf = self._scan_file
         if sf is None:
-            sf = self._scan_file = ScanFile(self.fd, self.stat, self.display_path)
+            sf = self._scan_file = ScanFile(self.fd, self.stat, lambda: self.display_path)
         return sf
 
     def sha256(self) -> str | None:

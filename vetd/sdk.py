@@ -16,7 +16,7 @@ import enum
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -86,13 +86,21 @@ class ScanFile:
     """Read-only access to the file being opened, through the event fd. Shared by all plugins
     scanning one event, so hashes are computed once."""
 
-    def __init__(self, fd: int, st: os.stat_result, path: str):
+    def __init__(self, fd: int, st: os.stat_result, path: str | Callable[[], str]):
         self._fd = fd
         self.stat = st
         self.size = st.st_size
-        self.path = path  # for display and logs only; never open it
+        self._path = path
         self._hashes: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        """The path, for display and logs only; never open it. Looked up when first read."""
+        p = self._path
+        if not isinstance(p, str):
+            p = self._path = p()
+        return p
 
     def fileno(self) -> int:
         """The event fd, for passing to an engine (for example over SCM_RIGHTS). Do not close it."""
