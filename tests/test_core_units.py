@@ -309,3 +309,25 @@ def test_plugins_for_another_sdk_major_are_refused():
         api_version = "2.0"
     with pytest.raises(plugins.PluginError, match="written for SDK 2.0"):
         plugins._check_api("future", Future)
+
+
+# --- process events -------------------------------------------------------------------------------
+def _proc_event(what: int, *words: int) -> bytes:
+    body = struct.pack("=IIQ", what, 0, 0) + struct.pack(f"={len(words)}I", *words)
+    body += bytes(24 - 4 * len(words)) if len(words) < 6 else b""
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(body), 0) + body
+    return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+
+
+def test_process_events_forget_exactly_what_changed():
+    from vetd.procwatch import Proc, ProcWatch
+    pw = ProcWatch.__new__(ProcWatch)
+    pw.procs, pw.forgotten, pw.overruns, pw.epoch = {}, 0, 0, 0
+    for pid in (10, 20, 30, 40, 50):
+        pw.procs[pid] = Proc()
+    pw._apply(_proc_event(0x1, 1, 1, 11, 10), pw.procs)        # a new thread of 10: keep 10
+    pw._apply(_proc_event(0x1, 1, 1, 20, 20), pw.procs)        # a new process with pid 20: forget
+    pw._apply(_proc_event(0x2, 30, 30), pw.procs)              # exec: forget
+    pw._apply(_proc_event(0x4, 41, 40, 0, 0), pw.procs)        # a thread's setuid: forget the group
+    pw._apply(_proc_event(0x80000000, 51, 50, 0, 0, 1, 1), pw.procs)  # a thread exits: keep 50
+    assert sorted(pw.procs) == [10, 50] and pw.forgotten == 3

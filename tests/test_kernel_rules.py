@@ -140,3 +140,38 @@ def test_check_config_lints_rules(tmpfs, vetd_factory, tmp_path):
     assert r.returncode == 1 and "NOT OK" in r.stdout
     assert "10-test.rules:2: warning: never matches: rule 1" in r.stderr, r.stderr
     assert "10-test.rules:3: error" in r.stderr and "outside every watched tree" in r.stderr
+
+
+def test_a_process_that_execs_is_judged_as_what_it_became(tmpfs, vetd_factory, programs):
+    """vetd remembers openers' exe between events; the exec must make it forget."""
+    httpd, other = programs
+    (tmpfs / "www").mkdir()
+    target = tmpfs / "www" / "index.html"
+    target.write_text("<html>")
+    v = start_with_rules(vetd_factory, tmpfs, f"only {httpd} open {tmpfs}/www/**\n")
+    script = v.dir / "exec_then_open.py"
+    script.write_text("import errno, os, sys\n"
+                      "try:\n    os.close(os.open(sys.argv[1], os.O_RDONLY)); print('OK', flush=True)\n"
+                      "except OSError as e:\n    print(errno.errorcode[e.errno], flush=True)\n"
+                      "if len(sys.argv) > 2:  # same pid, another program: open again\n"
+                      "    os.execv(sys.argv[2], [sys.argv[2], __file__, sys.argv[1]])\n")
+    r = subprocess.run([str(httpd), str(script), str(target), str(other)], capture_output=True,
+                       text=True, timeout=20)
+    assert r.stdout.split() == ["OK", "EPERM"], (r.stdout, r.stderr)
+
+
+def test_a_process_that_drops_privileges_is_judged_by_its_new_uid(tmpfs, vetd_factory):
+    (tmpfs / "f").write_text("x")
+    os.chmod(tmpfs / "f", 0o644)
+    v = start_with_rules(vetd_factory, tmpfs, f"deny open {tmpfs}/f : uid=65534\n")
+    code = ("import errno, os, sys\n"
+            "def attempt():\n"
+            "    try:\n        os.close(os.open(sys.argv[1], os.O_RDONLY)); return 'OK'\n"
+            "    except OSError as e:\n        return errno.errorcode[e.errno]\n"
+            "print(attempt(), attempt(), flush=True)\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "print(attempt(), flush=True)\n")
+    py = shutil.which("python3", path="/usr/bin")
+    r = subprocess.run([py, "-c", code, str(tmpfs / "f")], capture_output=True, text=True, timeout=20)
+    assert r.stdout.split() == ["OK", "OK", "EPERM"], (r.stdout, r.stderr)
+    assert v.status()["process_cache"]["forgotten"] >= 1

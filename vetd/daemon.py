@@ -31,6 +31,7 @@ from .control import ControlServer
 from .exclusions import Exclusions
 from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
+from .procwatch import ProcWatch
 from .notify import Notifier
 from .degraded import Breaker, Policy
 from .rescan import Item as RescanItem, Rescanner
@@ -86,13 +87,14 @@ class Pending:
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
                  "handed_off", "current", "plugin_deadline")
 
-    def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None):
+    def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None,
+                 procs: ProcWatch | None = None):
         self.fd = ev.fd
         self.pidfd = ev.pidfd
         self.mask = ev.mask
         self.op = op_of(ev.mask)
         self.obj = FileObject(ev.fd, fstypes)
-        self.subject = Subject(ev.pid, ev.pidfd)
+        self.subject = Subject(ev.pid, ev.pidfd, procs)
         self.state = state
         self.deadline = 0.0
         self.answered = False
@@ -215,6 +217,8 @@ class Daemon:
             log.warning("%s", note)
         plugins = tuple(plugin_loader.load_all(config.plugins))
         self.state = self._build_state(config, self.cache.generation, plugins, ruleset)
+        self.procwatch: ProcWatch | None = None
+        self._watch_processes_if_needed()
         self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
         self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
                                  lambda: self.pool.depth == 0 and self.pool.busy == 0)
@@ -222,6 +226,15 @@ class Daemon:
                                                             "reload": self._reload_cmd})
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept for poll)
+
+    def _watch_processes_if_needed(self) -> None:
+        """Remember openers' facts between events (procwatch) once a decision reads them."""
+        st = self.state
+        if self.procwatch is None and (st.rules.needs_subject or st.exclusions.needs_subject):
+            self.procwatch = ProcWatch.open()
+            if self.procwatch is not None:
+                log.info("process events in use: openers' exe, comm, uid and gid are remembered "
+                         "until the kernel reports an exec, set*id, comm change or exit")
 
     def _build_state(self, config: Config, generation: int, plugins: tuple[Plugin, ...],
                      ruleset: rules_mod.RuleSet) -> State:
@@ -385,7 +398,7 @@ class Daemon:
                 if ev.pidfd >= 0:
                     os.close(ev.pidfd)
                 return
-        p = Pending(ev, st, self.fstypes)
+        p = Pending(ev, st, self.fstypes, self.procwatch)
         if pre is not None:
             p.obj._stat = pre
         try:
@@ -645,6 +658,7 @@ class Daemon:
                 self.state = replace(new, generation=gen, exclusions=Exclusions(
                     new.config.exclude, old.exclusions.scope))
                 set_level(new.config.daemon.log_level)
+                self._watch_processes_if_needed()
                 self.pool.resize(new.config.scan.workers)
                 self.group.flush_ignores()
                 self._sync_marks()
@@ -703,6 +717,9 @@ class Daemon:
                         "workers": self.pool.workers},
             "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
             "late_detections": s.late_detections,
+            "process_cache": ({"entries": len(self.procwatch.procs), "forgotten": self.procwatch.forgotten,
+                               "overruns": self.procwatch.overruns}
+                              if self.procwatch is not None else {"enabled": False}),
             "rules": {"count": len(st.rules), "files": list(st.rules.files), "kills": s.kills,
                       "uncacheable_in_kernel": s.uncacheable_by_rules,
                       "hits": [h for h in st.rules.hit_table() if h["hits"]]},
@@ -791,6 +808,13 @@ class Daemon:
                 time.sleep(0.01)
                 continue
             self._reader_busy_since = time.monotonic()
+            procs = self.procwatch
+            if procs is not None:
+                try:
+                    procs.drain()  # every exec/set*id/exit before these events is now applied
+                except Exception as e:  # never lose a batch over it: stop remembering instead
+                    log.error("process events: %s; openers' facts are read per event from now on", e)
+                    self.procwatch = None
             try:
                 stats.seen += len(events)
                 for ev in events:

@@ -18,9 +18,10 @@ import struct
 from collections.abc import Mapping
 
 from .cache import file_key, file_version
+from .procwatch import Proc, ProcWatch
 from .sdk import ScanFile
 
-_UNSET = object()
+_UNSET = Proc.UNSET
 
 # PIDFD_GET_INFO (6.13+): _IOWR(0xFF, 11, struct pidfd_info), version-0 size of 64 bytes.
 _PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
@@ -32,20 +33,32 @@ class Subject:
     """The opening process. Attributes are None when they cannot be read (exited, kernel thread)."""
 
     __slots__ = ("pid", "pidfd", "_exe", "_comm", "_uid", "_gid", "_loginuid", "_cgroup", "_ppid",
-                 "_parent_exe", "_status")
+                 "_parent_exe", "_status", "_procs", "_epoch")
 
-    def __init__(self, pid: int, pidfd: int = -1):
+    def __init__(self, pid: int, pidfd: int = -1, procs: ProcWatch | None = None):
         self.pid = pid
         self.pidfd = pidfd
-        self._exe: object = _UNSET
-        self._comm: object = _UNSET
-        self._uid: object = _UNSET
-        self._gid: object = _UNSET
+        # exe, comm, uid and gid may come from what vetd remembers of this process (see
+        # procwatch: forgotten as soon as the kernel reports an exec, set*id, comm or exit)
+        self._procs = procs
+        self._epoch = procs.epoch if procs is not None else 0
+        known = procs.procs.get(pid) if procs is not None else None
+        if known is not None:
+            self._exe, self._comm, self._uid, self._gid = known.exe, known.comm, known.uid, known.gid
+        else:
+            self._exe = self._comm = self._uid = self._gid = _UNSET
         self._loginuid: object = _UNSET
         self._cgroup: object = _UNSET
         self._ppid: object = _UNSET
         self._parent_exe: object = _UNSET
         self._status: bytes | None = None
+
+    def _remember(self, name: str, value: object) -> None:
+        """Keep a fact for this process's next events, unless process events were applied since
+        this event began: the value read may predate an exec that was just forgotten."""
+        procs = self._procs
+        if procs is not None and procs.epoch == self._epoch:
+            setattr(procs.entry(self.pid), name, value)
 
     @property
     def exe(self) -> bytes | None:
@@ -55,6 +68,7 @@ class Subject:
                 self._exe = os.readlink(b"/proc/%d/exe" % self.pid)
             except OSError:
                 self._exe = None
+            self._remember("exe", self._exe)
         return self._exe  # type: ignore[return-value]
 
     @property
@@ -68,6 +82,7 @@ class Subject:
                     os.close(fd)
             except OSError:
                 self._comm = None
+            self._remember("comm", self._comm)
         return self._comm  # type: ignore[return-value]
 
     @property
@@ -77,6 +92,7 @@ class Subject:
             self._uid = self._uid_from_pidfd() if self.pidfd >= 0 else None
             if self._uid is None:
                 self._uid = self._uid_from_proc()
+            self._remember("uid", self._uid)
         return self._uid  # type: ignore[return-value]
 
     @property
@@ -85,6 +101,7 @@ class Subject:
         if self._gid is _UNSET:
             info = self._pidfd_info() if self.pidfd >= 0 else None
             self._gid = info[6] if info is not None else self._status_field(b"Gid:")
+            self._remember("gid", self._gid)
         return self._gid  # type: ignore[return-value]
 
     @property
