@@ -197,6 +197,10 @@ class Daemon:
         self._deadlines: list[tuple[float, int, Pending]] = []
         self._deadline_lock = threading.Lock()
         self._reader_busy_since = 0.0   # 0 while the read loop waits in read(); else when it woke
+        # The housekeeper never sleeps longer than a tenth of the shortest deadline, so a new
+        # deadline rarely needs to wake it: a wake-up per cold scan cost a pipe write and a
+        # thread switch. It publishes when it will next look.
+        self._housekeeper_wakes_at = 0.0
         self._reader_alive = True
         self._seq = 0
         self._reload_flag = False
@@ -450,10 +454,9 @@ class Daemon:
             return
         with self._deadline_lock:
             self._seq += 1
-            was_empty = not self._deadlines
             heapq.heappush(self._deadlines, (p.deadline, self._seq, p))
-        if was_empty:
-            self._wake()  # the housekeeper may be sleeping past this deadline
+        if p.deadline < self._housekeeper_wakes_at:
+            self._wake()  # it would sleep past this deadline (a reload shortened deadline_ms)
 
     def _notification(self, ev: fan.Event) -> None:
         self.stats.notification += 1
@@ -509,7 +512,7 @@ class Daemon:
             pp = st.policy.plugins.get(name)
             p.plugin_deadline = now + pp.deadline_s if pp is not None and pp.deadline_s else 0.0
             p.current = name
-            if p.plugin_deadline:
+            if p.plugin_deadline and p.plugin_deadline < self._housekeeper_wakes_at:
                 self._wake()
             stats.scans += 1
             try:
@@ -600,6 +603,12 @@ class Daemon:
                 log.error("plugin %s is unhealthy after %d failures in a row (timeouts)", plugin,
                           breaker.failures)
         self._answer_by_policy(p, "timeout", why, plugin)
+
+    def _tick(self) -> float:
+        st = self.state
+        shortest = min([st.deadline_s] + [pp.deadline_s for pp in st.policy.plugins.values()
+                                          if pp.deadline_s])
+        return max(0.005, shortest / 10)
 
     def _next_deadline(self) -> float:
         with self._deadline_lock:
@@ -847,7 +856,9 @@ class Daemon:
         while not self.stopping:
             try:
                 now = time.monotonic()
-                wake_at = min(next_watchdog, next_status, self._next_deadline())
+                wake_at = min(next_watchdog, next_status, self._next_deadline(),
+                              now + self._tick())
+                self._housekeeper_wakes_at = wake_at
                 timeout_ms = max(0, int((wake_at - now) * 1000) + 1)
                 for fd, _mask in poller.poll(timeout_ms):
                     if fd == self._wake_r:
