@@ -331,3 +331,29 @@ def test_process_events_forget_exactly_what_changed():
     pw._apply(_proc_event(0x4, 41, 40, 0, 0), pw.procs)        # a thread's setuid: forget the group
     pw._apply(_proc_event(0x80000000, 51, 50, 0, 0, 1, 1), pw.procs)  # a thread exits: keep 50
     assert sorted(pw.procs) == [10, 50] and pw.forgotten == 3
+
+
+# --- the SDK's view of a file ---------------------------------------------------------------------
+@pytest.mark.parametrize("sparse", [False, True])
+def test_scanfile_reads_holes_as_zeros_and_hashes_once(tmp_path, sparse):
+    import hashlib
+    from vetd.sdk import ScanFile
+    f = tmp_path / "f"
+    with open(f, "wb") as fh:
+        if sparse:
+            fh.truncate(5 << 20)
+            fh.seek(3 << 20)
+            fh.write(b"middle")
+        else:
+            fh.write(os.urandom(3 << 20))
+    want = f.read_bytes()
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        sf = ScanFile(fd, os.fstat(fd), lambda: "display")
+        assert b"".join(sf.chunks(size=1 << 20)) == want
+        assert sf.read(limit=100) == want[:100]
+        assert sf.sha256() == hashlib.sha256(want).hexdigest() and sf.path == "display"
+        os.truncate(f, 1000)                      # a writer shrinks it under us: reads end early
+        assert b"".join(sf.chunks()) == want[:1000]
+    finally:
+        os.close(fd)

@@ -111,23 +111,17 @@ class ScanFile:
 
     def chunks(self, size: int = 1 << 20, limit: int | None = None) -> Iterator[bytes]:
         """The content in order, reading only data extents of a sparse file; holes come back as
-        zeros without touching the disk."""
+        zeros without touching the disk. A file truncated under us ends early."""
         end = self.size if limit is None else min(self.size, limit)
-        off = 0
         if self.stat.st_blocks * 512 >= end:  # no holes to skip: plain reads, no lseek probes
-            while off < end:
-                buf = os.pread(self._fd, min(size, end - off), off)
-                if not buf:  # truncated under us
-                    return
-                yield buf
-                off += len(buf)
+            yield from self._data(0, end, size)
             return
+        off = 0
         while off < end:
             try:
-                data_at = os.lseek(self._fd, off, os.SEEK_DATA)
+                data_at = min(os.lseek(self._fd, off, os.SEEK_DATA), end)
             except OSError:  # ENXIO: only a hole is left
                 data_at = end
-            data_at = min(data_at, end)
             while off < data_at:  # a hole
                 n = min(size, data_at - off)
                 yield bytes(n)
@@ -138,12 +132,19 @@ class ScanFile:
                 hole_at = min(os.lseek(self._fd, off, os.SEEK_HOLE), end)
             except OSError:
                 hole_at = end
-            while off < hole_at:
-                buf = os.pread(self._fd, min(size, hole_at - off), off)
-                if not buf:  # truncated under us
-                    return
+            for buf in self._data(off, hole_at, size):
                 yield buf
                 off += len(buf)
+            if off < hole_at:  # truncated under us
+                return
+
+    def _data(self, off: int, stop: int, size: int) -> Iterator[bytes]:
+        while off < stop:
+            buf = os.pread(self._fd, min(size, stop - off), off)
+            if not buf:
+                return
+            yield buf
+            off += len(buf)
 
     def read(self, limit: int | None = None) -> bytes:
         """The content (up to `limit` bytes) as one bytes object, holes included as zeros.
