@@ -120,7 +120,8 @@ class ScanFile:
         while off < end:
             try:
                 data_at = min(os.lseek(self._fd, off, os.SEEK_DATA), end)
-            except OSError:  # ENXIO: only a hole is left
+            except OSError:  # ENXIO: only a hole is left, or the file shrank under us
+                end = min(end, os.fstat(self._fd).st_size)
                 data_at = end
             while off < data_at:  # a hole
                 n = min(size, data_at - off)
