@@ -128,6 +128,16 @@ TEST_PLUGINS = textwrap.dedent('''
                 time.sleep(float(self.config.get("seconds", 30)))
             return Verdict.allow()
 
+    class Lagging(Plugin):
+        """Reads the file, then takes its time for one command name only, then judges what it read."""
+        name = "lagging"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            data = b"".join(file.chunks())
+            if opener.comm == self.config.get("slow_comm"):
+                time.sleep(float(self.config.get("seconds", 1)))
+            return Verdict.deny("marker") if b"BAD" in data else Verdict.allow()
+
     class Garbage(Plugin):
         """Answers with something that is not a Verdict."""
         name = "garbage"
@@ -197,7 +207,7 @@ def plugin_site(tmp_path: Path) -> Path:
         "[vetd.plugins]\nsleepy = vetd_testplugins:Sleepy\nraises = vetd_testplugins:Raises\n"
         "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n"
         "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n"
-        "garbage = vetd_testplugins:Garbage\n")
+        "garbage = vetd_testplugins:Garbage\nlagging = vetd_testplugins:Lagging\n")
     return site
 
 

@@ -421,3 +421,19 @@ def test_sigterm_with_an_event_held_answers_it_and_exits_cleanly(tmpfs, vetd_fac
     assert out.decode().strip() == "EPERM"      # answered by the policy, not by the exit
     assert v.proc.wait(15) == 0
     assert open_as_child(tmpfs / "f") == "OK"   # nothing is marked any more
+
+
+def test_a_write_during_the_scan_keeps_the_file_out_of_the_kernel_cache(tmpfs, vetd_factory, plugin_site):
+    """The scan read clean content; someone wrote bad content before the verdict came back. The
+    clean verdict must not become a kernel ignore mark, or the bad content would never be seen."""
+    f = tmpfs / "f"
+    f.write_text("clean\n")
+    slow = os.path.basename(sys.executable)[:15]
+    v = vetd_factory([tmpfs], pythonpath=plugin_site, extra="[scan]\nworkers = 2",
+                     plugins=f'[plugins.lagging]\nslow_comm = "{slow}"\nseconds = 1.0\n').start()
+    reader = subprocess.Popen([sys.executable, "-c", OPEN_ONE, str(f)], stdout=subprocess.PIPE)
+    wait_for(lambda: v.status()["backlog"]["in_flight"] == 1, what="the slow scan")
+    subprocess.run(["sh", "-c", f"printf BAD > {f}"], check=True, timeout=10)  # scanned quickly
+    assert reader.communicate(timeout=15)[0].decode().strip() == "OK"         # judged what it read
+    assert open_as_child(f, exe="/usr/bin/python3") == "EPERM"
+    assert v.status()["cache"]["kernel_marks_withdrawn"] >= 1

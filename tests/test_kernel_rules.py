@@ -175,3 +175,13 @@ def test_a_process_that_drops_privileges_is_judged_by_its_new_uid(tmpfs, vetd_fa
     r = subprocess.run([py, "-c", code, str(tmpfs / "f")], capture_output=True, text=True, timeout=20)
     assert r.stdout.split() == ["OK", "OK", "EPERM"], (r.stdout, r.stderr)
     assert v.status()["process_cache"]["forgotten"] >= 1
+
+
+def test_reading_denied_but_running_allowed(tmpfs, vetd_factory):
+    (tmpfs / "bin").mkdir()
+    tool = tmpfs / "bin" / "tool"
+    shutil.copy2("/bin/true", tool)
+    start_with_rules(vetd_factory, tmpfs, f"allow exec {tmpfs}/bin/**\ndeny open {tmpfs}/bin/**\n")
+    assert open_as_child(tool) == "EPERM"
+    assert exec_as_child(tool) == "OK"
+    assert open_as_child(tool) == "EPERM", "the exec's pairing leaked into a later open"

@@ -133,6 +133,7 @@ class Stats:
         self.late_detections = 0
         self.kernel_marks = 0
         self.fast_hits = 0              # clean cache hits answered by the read loop's fast path
+        self.kernel_marks_withdrawn = 0  # the file changed between its scan and its mark
         self.uncacheable_by_rules = 0
         self.kills = 0
         self.overflows = 0
@@ -209,6 +210,7 @@ class Daemon:
         self._reloading = False
         self.marked: dict[int, mounts.Mount] = {}
         self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
+        self._exec_opens: dict[int, int] = {}  # pid -> file key of its exec event (read loop only)
         ruleset = load_rules(config)
         # A pidfd per event costs about 5 us (a kernel allocation, a close). The opener is blocked
         # while its event is pending, so its pid cannot be reused unless it is SIGKILLed, and then
@@ -337,8 +339,26 @@ class Daemon:
             self.stats.uncacheable_by_rules += 1
             self.cache.not_for_kernel(p.obj.key)
             return
-        if self.group.ignore_inode(p.fd, st.perm_mask):
+        self._ignore_unchanged(p.fd, st.perm_mask, p.obj.stat)
+
+    def _ignore_unchanged(self, fd: int, mask: int, scanned: os.stat_result) -> None:
+        """Put the kernel ignore mark on, then check the file is still the version that was
+        judged, and take the mark off if not. Always before the answer: once answered, the
+        opener may write, and a mark placed after that write would outlive it (the write's
+        modify event, which clears marks, came first). A write that updates the times after
+        the check comes after the mark too, so the kernel clears it."""
+        if not self.group.ignore_inode(fd, mask):
+            return
+        try:
+            now = os.fstat(fd)
+            same = file_version(now) == file_version(scanned)
+        except OSError:
+            same = False
+        if same:
             self.stats.kernel_marks += 1
+        else:
+            self.group.unignore_inode(fd, mask)
+            self.stats.kernel_marks_withdrawn += 1
 
     def _apply_rule(self, p: Pending, rule: rules_mod.Rule) -> None:
         why = f"rule {rule.number} ({rule.where}): {rule.text}"
@@ -394,10 +414,10 @@ class Daemon:
             if pre is not None and S_ISREG(pre.st_mode) and self.cache.is_clean(
                     (pre.st_dev << 64) | pre.st_ino,
                     pre.st_mtime_ns | (pre.st_ctime_ns << 64) | (pre.st_size << 128)):
+                if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
+                    self._ignore_unchanged(ev.fd, st.perm_mask, pre)
                 self.group.respond(ev.fd, fan.FAN_ALLOW)
                 self.stats.fast_hits += 1
-                if st.config.daemon.kernel_cache and self.group.ignore_inode(ev.fd, st.perm_mask):
-                    self.stats.kernel_marks += 1  # the kernel had evicted its mark
                 os.close(ev.fd)
                 if ev.pidfd >= 0:
                     os.close(ev.pidfd)
@@ -427,24 +447,34 @@ class Daemon:
             self._answer(p, True, "excluded")
             return
         if st.rules.rules:
-            rule = st.rules.evaluate(p.op, p.subject, obj)
+            op = p.op
+            # An execve raises an exec event and then, for the same open, a plain open event:
+            # that second one is part of the exec, not a read, so rules see it as "exec".
+            if p.mask & fan.FAN_OPEN_EXEC_PERM and not p.mask & fan.FAN_OPEN_PERM:
+                if len(self._exec_opens) > 4096:
+                    self._exec_opens.clear()
+                self._exec_opens[p.subject.pid] = obj.key
+            elif op == "open" and self._exec_opens and \
+                    self._exec_opens.pop(p.subject.pid, None) == obj.key:
+                op = p.op = "exec"
+            rule = st.rules.evaluate(op, p.subject, obj)
             if rule is not None:
                 self._apply_rule(p, rule)
                 return
         entry = self.cache.entry(obj.key, obj.version)
         if entry is not None:
             verdict = entry.verdict
-            self._answer(p, not verdict.denied, "cache", why=verdict.reason)
             if not verdict.denied and entry.kernel:
                 self._kernel_cache(p)  # the kernel evicted its mark, or the rules forbid one
+            self._answer(p, not verdict.denied, "cache", why=verdict.reason)
             return
         if obj.stat.st_size > st.config.scan.max_size:
             self._answer_by_policy(p, "too_big", f"{obj.stat.st_size} bytes > max_size")
             return
         if not st.plugins:
             self.cache.store(obj.key, obj.version, Verdict.allow("no scanner"), st.generation)
-            self._answer(p, True, "scan")
             self._kernel_cache(p)
+            self._answer(p, True, "scan")
             return
         p.deadline = time.monotonic() + st.deadline_s
         p.handed_off = True
@@ -547,8 +577,9 @@ class Daemon:
             return
         verdict = combine(verdicts)
         self.cache.store(obj.key, obj.version, verdict, st.generation)
-        if self._answer(p, True, "scan") and verdict.cacheable and verdict.ttl_s is None:
+        if verdict.cacheable and verdict.ttl_s is None and not p.answered:
             self._kernel_cache(p)
+        self._answer(p, True, "scan")
 
     def _rescan(self, item: RescanItem) -> None:
         """Scan a file a degraded answer let through; a deny is cached, so later opens fail."""
@@ -718,6 +749,7 @@ class Daemon:
                         "by_reason": self._by_reason()},
             "cache": {"entries": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
                       "hit_rate": round(self.cache.hit_rate(), 4), "kernel_marks": s.kernel_marks,
+                      "kernel_marks_withdrawn": s.kernel_marks_withdrawn,
                       "generation": self.cache.generation},
             "degraded": dict(s.degraded),
             "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,

@@ -266,6 +266,10 @@ class Group:
         flags = FAN_MARK_ADD | FAN_MARK_IGNORE | FAN_MARK_EVICTABLE
         return _fanotify_mark(self.fd, flags, mask, event_fd, None) == 0
 
+    def unignore_inode(self, event_fd: int, mask: int) -> None:
+        """Take an inode's ignore mark off again (the file changed before it could count)."""
+        _fanotify_mark(self.fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE, mask, event_fd, None)
+
     def flush_marks(self) -> None:
         """Remove every mark of this group: no new event is raised from here on."""
         for kind in (FAN_MARK_FILESYSTEM, FAN_MARK_MOUNT, FAN_MARK_INODE):
