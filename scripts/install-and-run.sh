@@ -3,6 +3,7 @@
 # shipped default configuration. Ctrl-C stops it; the kernel then lets every open through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+umask 022  # installed plugin files must not be group/world-writable: vetd refuses those
 if [ "$(id -u)" -ne 0 ]; then echo "install-and-run: run as root (vetd holds fanotify events)" >&2; exit 1; fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore .
 bindir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')

@@ -3,8 +3,14 @@
 # Kernel tests need root; under CI=true a kernel test that cannot run fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# vetd refuses plugin code that group or others may write (it runs as root inside the daemon):
+# keep this checkout's code, and the plugins the tests create, out of that class whatever the
+# umask of the clone was.
+umask 022
+chmod -R go-w vetd plugins
 export DEBIAN_FRONTEND=noninteractive
-debs=(e2fsprogs util-linux mount systemd gcc libc6-dev clamav-daemon)
+# python3: the system Python, which the tests run as an unprivileged user (root's may be unreadable)
+debs=(e2fsprogs util-linux mount systemd gcc libc6-dev clamav-daemon python3)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
