@@ -308,6 +308,18 @@ def test_an_exception_in_handling_is_answered_by_policy(tmpfs, vetd_factory, pol
     assert v.proc.poll() is None
 
 
+@pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])
+def test_an_exception_outside_the_decision_still_gets_the_event_answered(tmpfs, vetd_factory,
+                                                                        policy, expected):
+    (tmpfs / "f").write_text("x\n")
+    v = vetd_factory([tmpfs], extra=f"[scan]\non_error = \"{policy}\"",
+                     env={"VETD_FAILPOINTS": "handle"}).start()
+    assert open_as_child(tmpfs / "f") == expected
+    assert open_as_child(tmpfs / "f") == expected
+    assert v.status()["degraded"]["error"] == 2
+    assert v.proc.poll() is None
+
+
 def test_a_full_backlog_is_answered_by_policy_at_once(tmpfs, vetd_factory, plugin_site):
     for i in range(6):
         (tmpfs / f"f{i}").write_text(f"{i}\n")

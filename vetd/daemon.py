@@ -40,6 +40,7 @@ from .sdk import Opener, Plugin, ScanFile, Verdict
 
 log = logging.getLogger("vetd")
 
+FAILPOINTS = failpoints.active()
 OPS = ((fan.FAN_OPEN_EXEC_PERM, "exec"), (fan.FAN_OPEN_PERM, "open"), (fan.FAN_ACCESS_PERM, "access"))
 EVENT_BITS = {"open": fan.FAN_OPEN_PERM, "exec": fan.FAN_OPEN_EXEC_PERM, "access": fan.FAN_ACCESS_PERM}
 
@@ -395,12 +396,12 @@ class Daemon:
         if ev.fd < 0:
             log.error("permission event without a file descriptor (mask %#x)", ev.mask)
             return
+        if FAILPOINTS:
+            failpoints.hit("handle")
         if ev.pid in self.own_pids:
             self.group.respond(ev.fd, fan.FAN_ALLOW)
             self.stats.answered(True, "own", None)
-            os.close(ev.fd)
-            if ev.pidfd >= 0:
-                os.close(ev.pidfd)
+            self._release(ev)
             return
         st = self.state
         pre = None
@@ -418,11 +419,10 @@ class Daemon:
                     self._ignore_unchanged(ev.fd, st.perm_mask, pre)
                 self.group.respond(ev.fd, fan.FAN_ALLOW)
                 self.stats.fast_hits += 1
-                os.close(ev.fd)
-                if ev.pidfd >= 0:
-                    os.close(ev.pidfd)
+                self._release(ev)
                 return
         p = Pending(ev, st, self.fstypes, self.procwatch)
+        ev.fd = ev.pidfd = -1  # the Pending owns them now
         if pre is not None:
             p.obj._stat = pre
         try:
@@ -499,10 +499,16 @@ class Daemon:
                 st = os.fstat(ev.fd)
                 self.cache.invalidate(file_key(st))
         finally:
-            if ev.fd >= 0:
-                os.close(ev.fd)
-            if ev.pidfd >= 0:
-                os.close(ev.pidfd)
+            self._release(ev)
+
+    @staticmethod
+    def _release(ev: fan.Event) -> None:
+        """Close an event's fds and forget them, so nothing can close a reused number later."""
+        fd, pidfd = ev.fd, ev.pidfd
+        ev.fd = ev.pidfd = -1
+        for n in (fd, pidfd):
+            if n >= 0:
+                os.close(n)
 
     # ------------------------------------------------------------------ workers -----------------
     def _scan_job(self, job: object) -> None:
@@ -856,13 +862,30 @@ class Daemon:
                 except Exception as e:  # never lose a batch over it: stop remembering instead
                     log.error("process events: %s; openers' facts are read per event from now on", e)
                     self.procwatch = None
-            try:
-                stats.seen += len(events)
-                for ev in events:
+            stats.seen += len(events)
+            for ev in events:
+                try:
                     handle(ev)
-            except Exception as e:  # the loop must outlive anything one batch does
-                log.error("read loop: %s", format_exception_safely(e))
+                except Exception as e:  # one event's failure must not strand the rest
+                    log.error("read loop: %s", format_exception_safely(e))
+                    self._last_resort(ev)
             self._reader_busy_since = 0.0
+
+    def _last_resort(self, ev: fan.Event) -> None:
+        """An event whose handling blew up outside the decision's own guard: answer it by the
+        error policy with a plain response if it may still be pending, and free the fds it still
+        owns. An answer to an event already answered gets ENOENT, which is fine here."""
+        if ev.mask & fan.PERM_EVENTS and ev.fd >= 0:
+            allow = self.state.config.scan.on_error == "allow"
+            try:
+                self.group.respond(ev.fd, fan.FAN_ALLOW if allow else fan.FAN_DENY)
+                self.stats.answered(allow, "degraded", "error")
+            except OSError:
+                pass
+        try:
+            self._release(ev)  # only fds the event still owns: handled ones were set to -1
+        except OSError:
+            pass
 
     def _reader_main(self) -> None:
         try:
