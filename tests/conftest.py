@@ -138,6 +138,19 @@ TEST_PLUGINS = textwrap.dedent('''
                 time.sleep(float(self.config.get("seconds", 1)))
             return Verdict.deny("marker") if b"BAD" in data else Verdict.allow()
 
+    class WhoAmI(Plugin):
+        """Pure Python, holds the GIL: denies files holding the marker, naming its own pid."""
+        name = "whoami"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            data = b"".join(file.chunks())
+            n = 0
+            for _ in range(int(self.config.get("spin", 0))):
+                n += 1
+            if b"BAD" in data:
+                return Verdict.deny(f"marker-in-pid-{os.getpid()}")
+            return Verdict.allow()
+
     class Garbage(Plugin):
         """Answers with something that is not a Verdict."""
         name = "garbage"
@@ -207,7 +220,8 @@ def plugin_site(tmp_path: Path) -> Path:
         "[vetd.plugins]\nsleepy = vetd_testplugins:Sleepy\nraises = vetd_testplugins:Raises\n"
         "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n"
         "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n"
-        "garbage = vetd_testplugins:Garbage\nlagging = vetd_testplugins:Lagging\n")
+        "garbage = vetd_testplugins:Garbage\nlagging = vetd_testplugins:Lagging\n"
+        "whoami = vetd_testplugins:WhoAmI\n")
     return site
 
 

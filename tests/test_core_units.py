@@ -357,3 +357,11 @@ def test_scanfile_reads_holes_as_zeros_and_hashes_once(tmp_path, sparse):
         assert b"".join(sf.chunks()) == want[:1000]
     finally:
         os.close(fd)
+
+
+def test_isolation_keys_are_validated():
+    with pytest.raises(cfg.ConfigError, match=r"\[plugins.x\] isolation: must be one of thread, process"):
+        cfg.parse('[plugins.x]\nisolation = "vm"')
+    with pytest.raises(cfg.ConfigError, match=r"\[plugins.x\] processes"):
+        cfg.parse('[plugins.x]\nisolation = "process"\nprocesses = 0')
+    assert cfg.parse('[plugins.x]\nisolation = "process"\nprocesses = 3').plugins["x"]["processes"] == 3

@@ -4,6 +4,7 @@ margin, with the answer the policy names."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -133,3 +134,41 @@ def test_a_plugin_answering_garbage_is_a_failure_answered_by_policy(tmpfs, vetd_
     assert open_as_child(tmpfs / "f") == expected
     assert plugin(v, "garbage")["errors"] == 1
     assert "not a Verdict" in v.log_text()
+
+
+def _isolated_pids(v) -> set[int]:
+    import re
+    return {int(m) for m in re.findall(r"marker-in-pid-(\d+)", v.log_text())}
+
+
+def test_an_isolated_plugin_scans_in_processes_of_its_own_and_survives_their_death(
+        tmpfs, vetd_factory, plugin_site):
+    import signal as sig
+    for i in range(6):
+        (tmpfs / f"bad{i}").write_text("BAD")
+    v = vetd_factory([tmpfs], pythonpath=plugin_site, extra='[scan]\non_error = "allow"',
+                     plugins='[plugins.whoami]\nisolation = "process"\nprocesses = 2\n').start()
+    assert open_as_child(tmpfs / "bad0") == "EPERM"
+    assert open_as_child(tmpfs / "bad1") == "EPERM"
+    pids = _isolated_pids(v)
+    assert pids and v.proc.pid not in pids, "the scan ran inside vetd"
+    for pid in pids:
+        os.kill(pid, sig.SIGKILL)
+    time.sleep(0.2)
+    # the first scan after a death may fail (answered by policy); then a new process takes over
+    outs = [open_as_child(tmpfs / f"bad{i}") for i in range(2, 6)]
+    assert outs[-1] == "EPERM", outs
+    assert _isolated_pids(v) - pids, "no new plugin process was started"
+    assert v.proc.poll() is None
+
+
+def test_isolated_plugin_processes_do_not_outlive_vetd(tmpfs, vetd_factory, plugin_site):
+    import re
+    (tmpfs / "bad").write_text("BAD")
+    v = vetd_factory([tmpfs], pythonpath=plugin_site,
+                     plugins='[plugins.whoami]\nisolation = "process"\nprocesses = 1\n').start()
+    assert open_as_child(tmpfs / "bad") == "EPERM"
+    (pid,) = {int(m) for m in re.findall(r"marker-in-pid-(\d+)", v.log_text())}
+    v.proc.kill()                                    # no clean shutdown at all
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+             open(f"/proc/{pid}/stat").read().split()[2] == "Z", what="the plugin process to exit")

@@ -20,7 +20,7 @@ POLICIES = ("allow", "deny")
 # entry point, when it differs from NAME); on_failure; deadline_ms; failure_threshold and
 # retry_after_s (the circuit breaker). They are stripped before the plugin sees its table.
 HOST_KEYS = frozenset({"enabled", "use", "on_failure", "deadline_ms", "failure_threshold",
-                       "retry_after_s"})
+                       "retry_after_s", "isolation", "processes"})
 EVENT_NAMES = ("open", "exec", "access")
 MARK_KINDS = ("filesystem", "mount")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -313,6 +313,8 @@ def parse(text: str, file: str = "<config>") -> Config:
         hp = _Section(file, f"plugins.{name}", {k: v for k, v in table.items() if k in HOST_KEYS})
         hp.boolean("enabled", True)
         hp.string("use", name)
+        hp.string("isolation", "thread", choices=("thread", "process"))
+        hp.integer("processes", 2, minimum=1, maximum=64)
         deadline = hp.integer("deadline_ms", 0, minimum=0, maximum=600_000)
         policies[name] = PluginPolicy(
             on_failure=hp.string("on_failure", None, choices=POLICIES) if "on_failure" in hp.table else None,

@@ -31,6 +31,7 @@ from .control import ControlServer
 from .exclusions import Exclusions
 from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
+from .isolate import IsolatedPlugin
 from .procwatch import ProcWatch
 from .notify import Notifier
 from .degraded import Breaker, Policy
@@ -193,6 +194,8 @@ class Daemon:
         self.plugin_stats: dict[str, PluginStats] = {}
         self.cache = VerdictCache(config.cache.entries)
         self.own_pids = frozenset({os.getpid()})
+        self._pids_lock = threading.Lock()
+        self._socket_path = config.daemon.socket
         self.notifier = Notifier()
         self.stopping = False
         self._answer_lock = threading.Lock()
@@ -222,7 +225,7 @@ class Daemon:
         log.info("fanotify %s", self.group.features.describe())
         for note in self.group.features.notes:
             log.warning("%s", note)
-        plugins = tuple(plugin_loader.load_all(config.plugins))
+        plugins = tuple(plugin_loader.load_all(config.plugins, self._isolate))
         self.state = self._build_state(config, self.cache.generation, plugins, ruleset)
         self.procwatch: ProcWatch | None = None
         self._watch_processes_if_needed()
@@ -233,6 +236,17 @@ class Daemon:
                                                             "reload": self._reload_cmd})
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept for poll)
+
+    def _isolate(self, name: str, table: dict[str, Any]) -> Plugin:
+        """Build a plugin that runs in processes of its own (isolation = "process")."""
+        runtime = os.path.dirname(self._socket_path) or "/run/vetd"
+        return IsolatedPlugin(name, self.config_path, runtime, int(table.get("processes", 2)),
+                              self._own_pid)
+
+    def _own_pid(self, pid: int, add: bool) -> None:
+        """vetd's own processes are allowed at intake; the set is replaced whole (no lock)."""
+        with self._pids_lock:
+            self.own_pids = self.own_pids | {pid} if add else self.own_pids - {pid}
 
     def _watch_processes_if_needed(self) -> None:
         """Remember openers' facts between events (procwatch) once a decision reads them."""
@@ -681,7 +695,7 @@ class Daemon:
             if self._watch_override is not None:
                 cfg = cfg.with_watch(self._watch_override)
             ruleset = load_rules(cfg)
-            plugins = tuple(plugin_loader.load_all(cfg.plugins))
+            plugins = tuple(plugin_loader.load_all(cfg.plugins, self._isolate))
             new = self._build_state(cfg, 0, plugins, ruleset)
             msg = f"reloaded {cfg.path}"
         except Exception as e:

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from .config import HOST_KEYS
@@ -87,13 +88,25 @@ def load(name: str, table: dict[str, Any]) -> Plugin:
     return plugin
 
 
-def load_all(tables: dict[str, dict[str, Any]]) -> list[Plugin]:
-    """All enabled plugins, or PluginError for the first that fails (the others are closed)."""
+def load_all(tables: dict[str, dict[str, Any]],
+              isolate: Callable[[str, dict[str, Any]], Plugin] | None = None) -> list[Plugin]:
+    """All enabled plugins, or PluginError for the first that fails (the others are closed).
+    Tables with isolation = "process" are built by `isolate` when given (the daemon), after
+    the plugin has loaded in-process once to prove its table is good; without it (a config
+    check) they load in-process only."""
     loaded: list[Plugin] = []
     try:
         for name, table in tables.items():
-            if table.get("enabled", True):
-                loaded.append(load(name, table))
+            if not table.get("enabled", True):
+                continue
+            plugin = load(name, table)
+            if isolate is not None and table.get("isolation", "thread") == "process":
+                plugin.close()
+                try:
+                    plugin = isolate(name, table)
+                except Exception as e:
+                    raise PluginError(f"plugin {name}: cannot start its processes: {e}") from e
+            loaded.append(plugin)
     except Exception:
         for p in loaded:
             p.close()
