@@ -64,10 +64,16 @@ def test_only_httpd_opens_the_web_root(tmpfs, vetd_factory, programs):
     assert "rule 1 (" in v.log_text() and "10-test.rules:1" in v.log_text()
 
 
-def test_exec_from_a_directory_is_denied_while_reading_it_is_allowed(tmpfs, vetd_factory):
+@pytest.fixture
+def tool(tmpfs) -> Path:
+    """A copy of /bin/true in a bin/ directory of the test's tmpfs."""
     (tmpfs / "bin").mkdir()
-    tool = tmpfs / "bin" / "tool"
-    shutil.copy2("/bin/true", tool)
+    path = tmpfs / "bin" / "tool"
+    shutil.copy2("/bin/true", path)
+    return path
+
+
+def test_exec_from_a_directory_is_denied_while_reading_it_is_allowed(tmpfs, vetd_factory, tool):
     start_with_rules(vetd_factory, tmpfs, f"deny exec {tmpfs}/bin/**\n")
     assert exec_as_child(tool) == "EPERM"
     assert open_as_child(tool) == "OK"
@@ -177,10 +183,7 @@ def test_a_process_that_drops_privileges_is_judged_by_its_new_uid(tmpfs, vetd_fa
     assert v.status()["process_cache"]["forgotten"] >= 1
 
 
-def test_reading_denied_but_running_allowed(tmpfs, vetd_factory):
-    (tmpfs / "bin").mkdir()
-    tool = tmpfs / "bin" / "tool"
-    shutil.copy2("/bin/true", tool)
+def test_reading_denied_but_running_allowed(tmpfs, vetd_factory, tool):
     start_with_rules(vetd_factory, tmpfs, f"allow exec {tmpfs}/bin/**\ndeny open {tmpfs}/bin/**\n")
     assert open_as_child(tool) == "EPERM"
     assert exec_as_child(tool) == "OK"

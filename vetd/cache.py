@@ -57,20 +57,26 @@ class VerdictCache:
         entry = self.entry(key, version)
         return entry.verdict if entry is not None else None
 
-    def entry(self, key: FileKey, version: FileVersion) -> Entry | None:
-        """The current entry for this version of the file, or None (counted as a miss)."""
+    def _current(self, key: FileKey, version: FileVersion) -> Entry | None:
+        """The entry if it stands for this version under this generation and has not expired."""
         lru = self._lru
         if lru is None:
-            self.misses += 1
             return None
         with self._lock:
-            entry = lru.get(key)
-        if (entry is None or entry.version != version or entry.generation != self.generation
-                or (entry.expires is not None and entry.expires < time.monotonic())):
-            self.misses += 1
+            e = lru.get(key)
+        if (e is None or e.version != version or e.generation != self.generation
+                or (e.expires is not None and e.expires < time.monotonic())):
             return None
-        self.hits += 1
-        return entry
+        return e
+
+    def entry(self, key: FileKey, version: FileVersion) -> Entry | None:
+        """The current entry for this version of the file, or None (counted as a miss)."""
+        e = self._current(key, version)
+        if e is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return e
 
     def not_for_kernel(self, key: FileKey) -> None:
         """Remember that this file may not get a kernel ignore mark (so hits skip the question)."""
@@ -82,14 +88,10 @@ class VerdictCache:
 
     def is_clean(self, key: FileKey, version: FileVersion) -> bool:
         """The read loop's fast path: True only for a cached, current, unexpiring allow.
-        Anything else (a miss, a deny, a ttl) goes the full way through lookup()."""
-        lru = self._lru
-        if lru is None:
-            return False
-        with self._lock:
-            entry = lru.get(key)
-        if (entry is not None and entry.version == version and entry.generation == self.generation
-                and entry.expires is None and not entry.verdict.denied):
+        Anything else (a miss, a deny, a ttl) goes the full way through entry(), which counts
+        it; so this counts only its hits."""
+        e = self._current(key, version)
+        if e is not None and e.expires is None and not e.verdict.denied:
             self.hits += 1
             return True
         return False

@@ -79,6 +79,15 @@ class State:
                            and not failpoints.active())
 
 
+def _close_quietly(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 _CLOSED_OBJ = FileObject(-1)
 _CLOSED_SUBJECT = Subject(0)
 
@@ -108,12 +117,7 @@ class Pending:
         """Close the fds and let go of the file and process facts: an answered event may sit
         in the deadline heap until the housekeeper next wakes, and thousands of them carrying
         stat results and scan buffers were most of vetd's memory after a cold burst."""
-        for fd in (self.fd, self.pidfd):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        _close_quietly(self.fd, self.pidfd)
         self.fd = self.pidfd = -1
         self.obj = _CLOSED_OBJ
         self.subject = _CLOSED_SUBJECT
@@ -427,8 +431,7 @@ class Daemon:
             except OSError:
                 pre = None
             if pre is not None and S_ISREG(pre.st_mode) and self.cache.is_clean(
-                    (pre.st_dev << 64) | pre.st_ino,
-                    pre.st_mtime_ns | (pre.st_ctime_ns << 64) | (pre.st_size << 128)):
+                    file_key(pre), file_version(pre)):
                 if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
                     self._ignore_unchanged(ev.fd, st.perm_mask, pre)
                 self.group.respond(ev.fd, fan.FAN_ALLOW)
@@ -520,9 +523,7 @@ class Daemon:
         """Close an event's fds and forget them, so nothing can close a reused number later."""
         fd, pidfd = ev.fd, ev.pidfd
         ev.fd = ev.pidfd = -1
-        for n in (fd, pidfd):
-            if n >= 0:
-                os.close(n)
+        _close_quietly(fd, pidfd)
 
     # ------------------------------------------------------------------ workers -----------------
     def _scan_job(self, job: object) -> None:
@@ -896,10 +897,7 @@ class Daemon:
                 self.stats.answered(allow, "degraded", "error")
             except OSError:
                 pass
-        try:
-            self._release(ev)  # only fds the event still owns: handled ones were set to -1
-        except OSError:
-            pass
+        self._release(ev)  # only fds the event still owns: handled ones were set to -1
 
     def _reader_main(self) -> None:
         try:
