@@ -320,9 +320,11 @@ def _proc_event(what: int, *words: int) -> bytes:
 
 
 def test_process_events_forget_exactly_what_changed():
+    import socket
     from vetd.procwatch import Proc, ProcWatch
-    pw = ProcWatch.__new__(ProcWatch)
-    pw.procs, pw.forgotten, pw.overruns, pw.epoch = {}, 0, 0, 0
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    pw = ProcWatch(a)
     for pid in (10, 20, 30, 40, 50):
         pw.procs[pid] = Proc()
     pw._apply(_proc_event(0x1, 1, 1, 11, 10), pw.procs)        # a new thread of 10: keep 10
@@ -331,6 +333,15 @@ def test_process_events_forget_exactly_what_changed():
     pw._apply(_proc_event(0x4, 41, 40, 0, 0), pw.procs)        # a thread's setuid: forget the group
     pw._apply(_proc_event(0x80000000, 51, 50, 0, 0, 1, 1), pw.procs)  # a thread exits: keep 50
     assert sorted(pw.procs) == [10, 50] and pw.forgotten == 3
+    # ...but a kill must not trust pid 50 to be the process it was (its thread exited), nor
+    # anything once exits went unrecorded; pid 10 has reported no exit
+    assert pw.maybe_exited(50, 0) and not pw.maybe_exited(10, 0)
+    assert pw.exited[50] == 0
+    assert not pw.maybe_exited(50, 1)   # its exit was applied before epoch 1: an older process
+    pw.unsure_before = 3
+    assert pw.maybe_exited(10, 2) and not pw.maybe_exited(10, 3)
+    a.close()
+    b.close()
 
 
 # --- the SDK's view of a file ---------------------------------------------------------------------
@@ -365,3 +376,48 @@ def test_isolation_keys_are_validated():
     with pytest.raises(cfg.ConfigError, match=r"\[plugins.x\] processes"):
         cfg.parse('[plugins.x]\nisolation = "process"\nprocesses = 0')
     assert cfg.parse('[plugins.x]\nisolation = "process"\nprocesses = 3').plugins["x"]["processes"] == 3
+
+
+def test_lru_evicts_the_least_recently_used_and_reads_refresh():
+    from vetd.cache import Lru
+    lru: Lru[int, str] = Lru(2)
+    lru.put(1, "a")
+    lru.put(2, "b")
+    assert lru.get(1) == "a"      # 1 is now the most recent
+    lru.put(3, "c")               # so 2 goes
+    assert lru.get(2) is None and lru.get(1) == "a" and lru.get(3) == "c"
+    assert lru.peek(1) == "a" and len(lru) == 2
+    lru.replace_if_present(9, "z")
+    assert lru.get(9) is None
+    lru.pop(1)
+    assert [k for k, _ in lru.items()] == [3]
+
+
+def test_rule_outcomes_are_remembered_only_on_facts_kept_current():
+    from vetd import rules
+    def attrs(text):
+        return rules.RuleSet(rules.parse(text)).memo_attrs()
+    assert attrs("deny open /srv/a/**\n") == ()
+    assert attrs("only /usr/sbin/httpd open /srv/www/**\ndeny open /x/** : !uid=0\n") == ("exe", "uid")
+    assert attrs("deny open /x/** : comm=sh gid=5\n") == ("comm", "gid")
+    for text in ("deny open sha256=" + "a" * 64 + "\n", "deny open /x/** : pexe=/bin/sh\n",
+                 "deny open /x/** : loginuid=1000\n", "deny open /x/** : cgroup=/system.slice/**\n"):
+        assert attrs(text) is None, text
+
+
+def test_statx_identity_matches_fstat_keys(tmp_path):
+    from vetd.cache import file_key, file_version
+    from vetd.fileid import MODE, MOUNT, NLINK, Statx, key_and_version
+    sx = Statx()
+    assert sx.available, "statx gives no mount id (needs 5.8+): the memo would be off"
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 1000)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        t = sx.raw(fd)
+        st = os.fstat(fd)
+        assert t is not None and key_and_version(t) == (file_key(st), file_version(st))
+        assert t[MODE] == st.st_mode and t[NLINK] == 1 and t[MOUNT] > 0
+    finally:
+        os.close(fd)
+    assert sx.raw(-1) is None

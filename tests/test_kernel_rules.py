@@ -188,3 +188,90 @@ def test_reading_denied_but_running_allowed(tmpfs, vetd_factory, tool):
     assert open_as_child(tool) == "EPERM"
     assert exec_as_child(tool) == "OK"
     assert open_as_child(tool) == "EPERM", "the exec's pairing leaked into a later open"
+
+
+# --- remembered outcomes (the read loop's memo) and what must void them ------------------------
+def _start_uncached(vetd_factory, tmpfs, rules: str, exclude: str = ""):
+    """Rules with kernel_cache off, so every open reaches vetd and the memo answers repeats."""
+    v = vetd_factory([tmpfs])
+    d = with_rules(v, rules)
+    v.write_config([tmpfs], f'kernel_cache = false\n{exclude}\n[rules]\ndir = "{d}"\n',
+                   f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
+    return v.start()
+
+
+def _memo(v) -> dict:
+    return v.status()["rules"]["memo"]
+
+
+def test_a_directory_move_voids_remembered_outcomes_before_the_next_open(tmpfs, vetd_factory):
+    (tmpfs / "pub").mkdir()
+    (tmpfs / "pub" / "f").write_text("x")
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+    for _ in range(3):
+        assert open_as_child(tmpfs / "pub" / "f") == "OK"
+    assert _memo(v)["enabled"] and _memo(v)["entries"] >= 1
+    assert v.status()["cache"]["hits"] >= 1
+    # the file itself does not change (same inode, times, size): only its path does
+    os.rename(tmpfs / "pub", tmpfs / "secret")
+    assert open_as_child(tmpfs / "secret" / "f") == "EPERM"
+    assert _memo(v)["clears"] >= 1
+
+
+def test_a_second_name_of_a_file_is_judged_by_its_own_path(tmpfs, vetd_factory):
+    (tmpfs / "pub").mkdir()
+    (tmpfs / "secret").mkdir()
+    (tmpfs / "pub" / "f").write_text("x")
+    os.link(tmpfs / "pub" / "f", tmpfs / "secret" / "f")
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+    for _ in range(3):
+        assert open_as_child(tmpfs / "pub" / "f") == "OK"
+    assert open_as_child(tmpfs / "secret" / "f") == "EPERM"
+    assert open_as_child(tmpfs / "pub" / "f") == "OK"
+    assert _memo(v)["entries"] == 0  # a file with two names is never remembered
+
+
+def test_the_same_file_through_a_bind_mount_is_judged_by_that_path(tmpfs, vetd_factory):
+    (tmpfs / "pub").mkdir()
+    (tmpfs / "secret").mkdir()
+    (tmpfs / "pub" / "f").write_text("x")
+    subprocess.run(["mount", "--bind", str(tmpfs / "pub"), str(tmpfs / "secret")], check=True)
+    try:
+        v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+        for _ in range(3):
+            assert open_as_child(tmpfs / "pub" / "f") == "OK"
+        assert _memo(v)["entries"] >= 1
+        assert open_as_child(tmpfs / "secret" / "f") == "EPERM"
+        assert open_as_child(tmpfs / "pub" / "f") == "OK"
+        v.stop()
+    finally:
+        subprocess.run(["umount", str(tmpfs / "secret")], check=False)
+
+
+def test_a_moved_excluded_directory_is_scanned_again(tmpfs, vetd_factory):
+    from conftest import EICAR
+    (tmpfs / "skip").mkdir()
+    (tmpfs / "skip" / "eicar.com").write_bytes(EICAR)
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/nothing-here/**\n",
+                        exclude=f'[exclude]\npaths = ["{tmpfs}/skip/**"]')
+    for _ in range(3):
+        assert open_as_child(tmpfs / "skip" / "eicar.com") == "OK"   # excluded: not scanned
+    assert _memo(v)["entries"] >= 1
+    os.rename(tmpfs / "skip", tmpfs / "scanned")
+    assert open_as_child(tmpfs / "scanned" / "eicar.com") == "EPERM"
+
+
+def test_a_kernel_cached_file_moved_under_a_path_rule_loses_its_mark(tmpfs, vetd_factory):
+    """With kernel caching on, a clean file's later opens never reach vetd; a move under a
+    path rule must drop the kernel's mark (asynchronously: the test waits for the flush)."""
+    from conftest import wait_for
+    (tmpfs / "pub").mkdir()
+    (tmpfs / "pub" / "f").write_text("x")
+    v = start_with_rules(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+    assert open_as_child(tmpfs / "pub" / "f") == "OK"
+    seen = v.status()["events"]["permission"]
+    assert open_as_child(tmpfs / "pub" / "f") == "OK"
+    assert v.status()["events"]["permission"] == seen  # answered by the kernel's mark
+    os.rename(tmpfs / "pub", tmpfs / "secret")
+    wait_for(lambda: v.status()["cache"]["ignore_flushes"] >= 1, what="kernel marks flushed")
+    assert open_as_child(tmpfs / "secret" / "f") == "EPERM"

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from operator import attrgetter
 from stat import S_ISREG
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -26,13 +27,14 @@ from typing import Any
 
 from . import __version__, failpoints, fanotify as fan, mounts, plugins as plugin_loader, rules as rules_mod
 from .cache import VerdictCache, file_key, file_version
+from .fileid import NLINK, MODE, Statx, key_and_version
 from .config import Config, load as load_config
 from .control import ControlServer
 from .exclusions import Exclusions
 from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
-from .procwatch import ProcWatch
+from .procwatch import Proc, ProcWatch
 from .notify import Notifier
 from .degraded import Breaker, Policy
 from .rescan import Item as RescanItem, Rescanner
@@ -44,13 +46,33 @@ log = logging.getLogger("vetd")
 FAILPOINTS = failpoints.active()
 OPS = ((fan.FAN_OPEN_EXEC_PERM, "exec"), (fan.FAN_OPEN_PERM, "open"), (fan.FAN_ACCESS_PERM, "access"))
 EVENT_BITS = {"open": fan.FAN_OPEN_PERM, "exec": fan.FAN_OPEN_EXEC_PERM, "access": fan.FAN_ACCESS_PERM}
+# What a remembered decision (the memo) says before the verdict cache is asked; a rule's index
+# into RuleSet.rules otherwise.
+MEMO_NO_RULE = -1
+MEMO_EXCLUDED = -2
+MEMO_ENTRIES = 65536
+_UNSET = Proc.UNSET
+_pack_response = fan.RESPONSE.pack
 
 
-def op_of(mask: int) -> str:
+def _op_of(mask: int) -> str:
     for bit, name in OPS:
         if mask & bit:
             return name
     return "other"
+
+
+_OP_BY_MASK: dict[int, str] = {}
+
+
+def op_of(mask: int) -> str:
+    """The op an event's mask stands for (exec before open: an execve's own event has both)."""
+    op = _OP_BY_MASK.get(mask)
+    if op is None:
+        op = _op_of(mask)
+        if len(_OP_BY_MASK) < 256:
+            _OP_BY_MASK[mask] = op
+    return op
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,10 @@ class State:
     rules: rules_mod.RuleSet
     rule_responses: dict[int, int]   # rule number -> deny response, for rules with their own errno
     loaded_at: float = field(default_factory=time.time)
+    # Remembered exclusion and rule outcomes, keyed on (mask, op, opener facts, statx of the
+    # file); None when this state's decisions cannot be remembered safely (see _with_memo).
+    memo: dict[tuple[object, ...], tuple[int, int, int, int]] | None = None
+    memo_token: Callable[[object], tuple[object, ...]] | None = None
 
     @property
     def fast(self) -> bool:
@@ -96,14 +122,17 @@ class Pending:
     """One permission event between intake and answer."""
 
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
-                 "handed_off", "current", "plugin_deadline")
+                 "handed_off", "current", "plugin_deadline", "delivered", "memo_base")
 
     def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None,
-                 procs: ProcWatch | None = None):
+                 procs: ProcWatch | None = None, op: str | None = None):
         self.fd = ev.fd
         self.pidfd = ev.pidfd
         self.mask = ev.mask
-        self.op = op_of(ev.mask)
+        self.op = op or op_of(ev.mask)
+        self.delivered = False   # the kernel took the answer (False: the event was already gone)
+        # (mask, op, statx tuple) of an event whose decision may be remembered, else None
+        self.memo_base: tuple[object, ...] | None = None
         self.obj = FileObject(ev.fd, fstypes)
         self.subject = Subject(ev.pid, ev.pidfd, procs)
         self.state = state
@@ -143,6 +172,8 @@ class Stats:
         self.uncacheable_by_rules = 0
         self.kills = 0
         self.overflows = 0
+        self.memo_clears = 0            # remembered outcomes dropped (a move, a mount change)
+        self.ignore_flushes = 0         # kernel ignore marks dropped because a path rule may care
 
     def answered(self, allow: bool, reason: str, degraded: str | None) -> None:
         with self._lock:
@@ -220,12 +251,13 @@ class Daemon:
         self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
         self._exec_opens: dict[int, int] = {}  # pid -> file key of its exec event (read loop only)
         ruleset = load_rules(config)
-        # A pidfd per event costs about 5 us (a kernel allocation, a close). The opener is blocked
-        # while its event is pending, so its pid cannot be reused unless it is SIGKILLed, and then
-        # the kernel drops the event: /proc/PID is safe to read without one. Only a kill needs it
-        # (signalling a pid that died and was reused would hit an innocent process).
-        self.group = fan.Group.open(want_audit=True,
-                                    want_pidfd=any(r.action == "kill" for r in ruleset.rules))
+        # No pidfd per event: it cost about 2 us of the opener's time per open here (a kernel
+        # allocation and a close), a third of a warm answer. The opener is blocked while its
+        # event is pending, so its pid cannot be reused unless it is SIGKILLed, and then the
+        # kernel drops the event: /proc/PID is safe to read without one. A kill opens a pidfd
+        # itself and proves it names the opener (see _kill_and_deny).
+        self.group = fan.Group.open(want_audit=True, want_pidfd=False)
+        self._gfd = self.group.fd
         log.info("fanotify %s", self.group.features.describe())
         for note in self.group.features.notes:
             log.warning("%s", note)
@@ -233,6 +265,17 @@ class Daemon:
         self.state = self._build_state(config, self.cache.generation, plugins, ruleset)
         self.procwatch: ProcWatch | None = None
         self._watch_processes_if_needed()
+        self.statx = Statx()
+        self.moves: fan.MoveGroup | None = None
+        try:
+            self.moves = fan.MoveGroup.open()
+        except OSError as e:
+            log.warning("directory moves cannot be watched (%s): rule and exclusion outcomes "
+                        "are worked out on every open", e.strerror)
+        self.move_devs: frozenset[int] = frozenset()  # st_dev of filesystems whose moves we see
+        self._move_marked: dict[int, mounts.Mount] = {}
+        self.move_gen = 0  # bumped when that set changes: remembered outcomes from before lapse
+        self.state = self._with_memo(self.state)
         self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
         self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
                                  lambda: self.pool.depth == 0 and self.pool.busy == 0)
@@ -240,6 +283,11 @@ class Daemon:
                                                             "reload": self._reload_cmd})
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept for poll)
+        # The read loop's own: poll() on mountinfo reports a change once per open file.
+        self._reader_mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115
+        self._side_ep: select.epoll | None = None
+        self._side_procs: ProcWatch | None = None
+        self._side_setup(None)
 
     def _isolate(self, name: str, table: dict[str, Any]) -> Plugin:
         """Build a plugin that runs in processes of its own (isolation = "process")."""
@@ -255,11 +303,48 @@ class Daemon:
     def _watch_processes_if_needed(self) -> None:
         """Remember openers' facts between events (procwatch) once a decision reads them."""
         st = self.state
-        if self.procwatch is None and (st.rules.needs_subject or st.exclusions.needs_subject):
+        kills = any(r.action == "kill" for r in st.rules.rules)
+        if self.procwatch is None and (st.rules.needs_subject or st.exclusions.needs_subject
+                                       or kills):
             self.procwatch = ProcWatch.open()
             if self.procwatch is not None:
                 log.info("process events in use: openers' exe, comm, uid and gid are remembered "
                          "until the kernel reports an exec, set*id, comm change or exit")
+
+    def _with_memo(self, st: State) -> State:
+        """The state with a memo of exclusion and rule outcomes, where one is safe.
+
+        An outcome is a function of the op, the opener's exe/comm/uid/gid (what procwatch keeps
+        current) and the file: its identity, version, type and link count, the mount it was
+        opened through (all one statx), and its path, which only a move of a directory above it
+        or a mount change can alter without changing the rest; moves and mount changes clear
+        the memo (see _side_channels). Left out where any of that cannot be known: no statx
+        mount ids, no move events, rules on sha256 or on facts not kept current."""
+        wanted = bool(st.rules.rules) or not st.exclusions.trivial
+        attrs = st.rules.memo_attrs()
+        why = None
+        if not wanted or FAILPOINTS:
+            return replace(st, memo=None, memo_token=None)
+        if attrs is None:
+            why = "rules name sha256, loginuid, cgroup, unit or pexe"
+        elif not self.statx.available:
+            why = "statx reports no mount ids here"
+        elif self.moves is None:
+            why = "directory moves cannot be watched"
+        attrs = tuple(sorted(set(attrs or ()) | st.exclusions.subject_attrs))
+        if why is None and attrs and self.procwatch is None:
+            why = "process events are unavailable"
+        if why is not None:
+            log.info("rule and exclusion outcomes are not remembered (%s): they are worked out "
+                     "on every open", why)
+            return replace(st, memo=None, memo_token=None)
+        token: Callable[[object], tuple[object, ...]] | None = None  # None: no opener facts
+        if len(attrs) == 1:
+            one = attrgetter(attrs[0])
+            token = lambda p: (one(p),)  # noqa: E731 (attrgetter of one name is not a tuple)
+        elif attrs:
+            token = attrgetter(*attrs)
+        return replace(st, memo={}, memo_token=token)
 
     def _build_state(self, config: Config, generation: int, plugins: tuple[Plugin, ...],
                      ruleset: rules_mod.RuleSet) -> State:
@@ -305,8 +390,43 @@ class Daemon:
             log.info("marked %s %s (%s)", "mount" if per_mount else "filesystem",
                      os.fsdecode(m.mount_point), m.fstype)
         self.fstypes = {m.dev: m.fstype for m in self.marked.values()}
+        self._sync_move_marks()
         if plan.scope != st.exclusions.scope:
-            self.state = replace(st, exclusions=Exclusions(st.config.exclude, plan.scope))
+            self.state = self._with_memo(replace(st, exclusions=Exclusions(st.config.exclude,
+                                                                           plan.scope)))
+
+    def _sync_move_marks(self) -> None:
+        """Watch directory moves on every filesystem with permission marks (for the memo)."""
+        moves = self.moves
+        if moves is None:
+            return
+        devs = {}
+        for m in self.marked.values():
+            devs.setdefault(m.dev, m)
+        have = self.move_devs
+        gone = have - devs.keys()
+        if gone:
+            self.move_gen += 1    # outcomes remembered for these filesystems lapse now
+            self.move_devs = have - gone
+        for dev in gone:
+            m = self._move_marked.pop(dev, None)
+            if m is not None:
+                moves.unmark(m.mount_point)
+        added = set()
+        for dev, m in devs.items():
+            if dev in have:
+                continue
+            try:
+                moves.mark(m.mount_point)
+            except OSError as e:
+                log.info("directory moves on %s (%s) cannot be watched (%s): rule outcomes there "
+                         "are worked out on every open", os.fsdecode(m.mount_point), m.fstype,
+                         e.strerror)
+                continue
+            self._move_marked[dev] = m
+            added.add(dev)
+        if added:
+            self.move_devs = self.move_devs | added
 
     # ------------------------------------------------------------------ answers -----------------
     def _answer(self, p: Pending, allow: bool, reason: str, degraded: str | None = None,
@@ -324,9 +444,9 @@ class Daemon:
         else:
             response = p.state.deny_response
         if rule is not None:
-            self.group.respond(p.fd, response, audit=True, rule_number=rule.number)
+            p.delivered = self.group.respond(p.fd, response, audit=True, rule_number=rule.number)
         else:
-            self.group.respond(p.fd, response)
+            p.delivered = self.group.respond(p.fd, response)
         self.stats.answered(allow, reason, degraded)
         if not allow:
             log.warning("deny %s %s by %s: %s", p.op, p.obj.display_path, p.subject.describe(),
@@ -386,31 +506,72 @@ class Daemon:
         elif rule.action == "audit":
             if self._answer(p, True, "rule", rule=rule):
                 log.warning("audit %s %s by %s: %s", p.op, p.obj.display_path, p.subject.describe(), why)
+        elif rule.action == "kill":
+            self._kill_and_deny(p, rule, why)
         else:
-            if rule.action == "kill":
-                self._kill(p, why)
             self._answer(p, False, "rule", why=why, rule=rule)
 
-    def _kill(self, p: Pending, why: str) -> None:
-        """SIGKILL the opener through its pidfd (no pid-reuse race). Without one (the group was
-        made before a reload added the first kill rule) the pid is signalled, and the log says so."""
+    def _kill_and_deny(self, p: Pending, rule: rules_mod.Rule, why: str) -> None:
+        """SIGKILL the opener through a pidfd, then deny; never signal a process that only
+        inherited the opener's pid.
+
+        The pidfd is opened now, while the opener should still be blocked in its open. It is
+        the opener's if the opener did not exit between the event's read and this pidfd_open:
+        procwatch proves that (the kernel reports an exit before the pid can be reused), and
+        then the kill lands before the deny. Without that proof the deny goes first: the
+        kernel taking the answer proves the event was still pending, so the opener was alive
+        throughout and the pidfd is its own; the kill follows a few microseconds later, and
+        the denied open or exec has failed either way."""
+        desc = p.subject.describe()  # before the kill: /proc/PID goes with the process
+        pid = p.subject.pid
         try:
-            if p.pidfd >= 0:
-                signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
-            else:
-                log.warning("kill by pid: this group reports no pidfds (restart vetd to use them)")
-                os.kill(p.subject.pid, signal.SIGKILL)
-            self.stats.kills += 1
-            log.warning("kill %s (%s %s): %s", p.subject.describe(), p.op, p.obj.display_path, why)
+            pidfd = os.pidfd_open(pid)
         except OSError as e:
-            log.warning("kill %s: %s", p.subject.describe(), e.strerror)
+            log.warning("kill %s (%s %s): %s; denied", desc, p.op, p.obj.display_path, e.strerror)
+            self._answer(p, False, "rule", why=why, rule=rule)
+            return
+        try:
+            procs = self.procwatch
+            proven = procs is not None and not procs.maybe_exited(pid, p.subject.epoch)
+            if not proven:
+                self._answer(p, False, "rule", why=why, rule=rule)
+                if not p.delivered:
+                    log.warning("kill %s: it was gone before the answer; not signalled", desc)
+                    return
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                self.stats.kills += 1
+                log.warning("kill %s (%s %s): %s", desc, p.op, p.obj.display_path, why)
+            except OSError as e:
+                log.warning("kill %s: %s", desc, e.strerror)
+            if proven:
+                self._answer(p, False, "rule", why=why, rule=rule)
+        finally:
+            os.close(pidfd)
 
     # ------------------------------------------------------------------ the hot path ------------
-    def _handle(self, ev: fan.Event) -> None:
+    def _pair_exec(self, mask: int, pid: int, key: int) -> str | None:
+        """The op for the rules when an event belongs to an exec, else None.
+
+        An execve raises an exec event and then, for the same open, a plain open event: that
+        second one is part of the exec, not a read, so rules see it as "exec"."""
+        if mask & fan.FAN_OPEN_EXEC_PERM and not mask & fan.FAN_OPEN_PERM:
+            if len(self._exec_opens) > 4096:
+                self._exec_opens.clear()
+            self._exec_opens[pid] = key
+            return "exec"
+        if mask & fan.FAN_OPEN_PERM and self._exec_opens.pop(pid, None) == key:
+            return "exec"
+        return None
+
+    def _handle(self, ev: fan.Event, op: str | None = None,
+                memo_base: tuple[object, ...] | None = None) -> None:
+        """The full decision for one event (the read loop's fast paths took what they could).
+        `op` is the exec-paired op if the fast path already worked it out, `memo_base` the
+        fast path's key material for remembering this event's outcome."""
         if not ev.mask & fan.PERM_EVENTS:
             self._notification(ev)
             return
-        self.stats.permission += 1
         if ev.fd < 0:
             log.error("permission event without a file descriptor (mask %#x)", ev.mask)
             return
@@ -421,29 +582,11 @@ class Daemon:
             self.stats.answered(True, "own", None)
             self._release(ev)
             return
-        st = self.state
-        pre = None
-        if st.fast:
-            # The common case, kept to a few syscalls and no allocations: nothing excludes by
-            # process or path, no rules, and the file is a regular file with a clean verdict.
-            try:
-                pre = os.fstat(ev.fd)
-            except OSError:
-                pre = None
-            if pre is not None and S_ISREG(pre.st_mode) and self.cache.is_clean(
-                    file_key(pre), file_version(pre)):
-                if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
-                    self._ignore_unchanged(ev.fd, st.perm_mask, pre)
-                self.group.respond(ev.fd, fan.FAN_ALLOW)
-                self.stats.fast_hits += 1
-                self._release(ev)
-                return
-        p = Pending(ev, st, self.fstypes, self.procwatch)
+        p = Pending(ev, self.state, self.fstypes, self.procwatch, op)
         ev.fd = ev.pidfd = -1  # the Pending owns them now
-        if pre is not None:
-            p.obj._stat = pre
+        p.memo_base = memo_base
         try:
-            self._decide(p)
+            self._decide(p, op is not None)
         except Exception as e:
             if not p.answered:
                 self._answer_by_policy(p, "error", f"{type(e).__name__}: {e}")
@@ -452,7 +595,28 @@ class Daemon:
             if not p.handed_off:
                 p.close()
 
-    def _decide(self, p: Pending) -> None:
+    def _remember(self, p: Pending, outcome: int) -> None:
+        """Store an exclusion or rule outcome in the memo, if this event's may be remembered:
+        a regular file with one link (a second name could match other rules), on a filesystem
+        whose moves are watched, unchanged since the fast path's statx."""
+        base, memo, token = p.memo_base, p.state.memo, p.state.memo_token
+        if base is None or memo is None:
+            return
+        t = base[2]
+        obj = p.obj
+        if t[NLINK] != 1 or not S_ISREG(t[MODE]) or obj.stat.st_dev not in self.move_devs:  # type: ignore[index]
+            return
+        key, version = key_and_version(t)  # type: ignore[arg-type]
+        if key != obj.key or version != obj.version:
+            return
+        tok = token(p.subject) if token is not None else ()
+        if _UNSET in tok:
+            return
+        if len(memo) >= MEMO_ENTRIES:  # a plain dict: a lookup is one C call, an LRU's is not
+            memo.clear()
+        memo[(base[0], base[1], tok, t)] = (outcome, key, version, self.move_gen)
+
+    def _decide(self, p: Pending, paired: bool = False) -> None:
         failpoints.hit("decide")
         st = p.state
         obj = p.obj
@@ -460,24 +624,19 @@ class Daemon:
             if not obj.is_regular:
                 self._answer(p, True, "excluded")
                 return
-        elif st.exclusions.check(p.op, p.subject, obj) is not None:
+        elif st.exclusions.check(op_of(p.mask), p.subject, obj) is not None:
+            self._remember(p, MEMO_EXCLUDED)
             self._answer(p, True, "excluded")
             return
         if st.rules.rules:
-            op = p.op
-            # An execve raises an exec event and then, for the same open, a plain open event:
-            # that second one is part of the exec, not a read, so rules see it as "exec".
-            if p.mask & fan.FAN_OPEN_EXEC_PERM and not p.mask & fan.FAN_OPEN_PERM:
-                if len(self._exec_opens) > 4096:
-                    self._exec_opens.clear()
-                self._exec_opens[p.subject.pid] = obj.key
-            elif op == "open" and self._exec_opens and \
-                    self._exec_opens.pop(p.subject.pid, None) == obj.key:
-                op = p.op = "exec"
-            rule = st.rules.evaluate(op, p.subject, obj)
+            if not paired:
+                p.op = self._pair_exec(p.mask, p.subject.pid, obj.key) or p.op
+            rule = st.rules.evaluate(p.op, p.subject, obj)
             if rule is not None:
+                self._remember(p, st.rules.position(rule))
                 self._apply_rule(p, rule)
                 return
+        self._remember(p, MEMO_NO_RULE)
         entry = self.cache.entry(obj.key, obj.version)
         if entry is not None:
             verdict = entry.verdict
@@ -771,6 +930,7 @@ class Daemon:
             "cache": {"entries": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
                       "hit_rate": round(self.cache.hit_rate(), 4), "kernel_marks": s.kernel_marks,
                       "kernel_marks_withdrawn": s.kernel_marks_withdrawn,
+                      "ignore_flushes": s.ignore_flushes,
                       "generation": self.cache.generation},
             "degraded": dict(s.degraded),
             "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,
@@ -784,7 +944,10 @@ class Daemon:
                               if self.procwatch is not None else {"enabled": False}),
             "rules": {"count": len(st.rules), "files": list(st.rules.files), "kills": s.kills,
                       "uncacheable_in_kernel": s.uncacheable_by_rules,
-                      "hits": [h for h in st.rules.hit_table() if h["hits"]]},
+                      "hits": [h for h in st.rules.hit_table() if h["hits"]],
+                      "memo": {"enabled": st.memo is not None,
+                               "entries": len(st.memo) if st.memo is not None else 0,
+                               "clears": s.memo_clears}},
             "rescan": {"queued": self.rescans.depth, "limit": st.config.degraded.rescan_queue,
                        "enabled": st.config.degraded.rescan},
         }
@@ -851,18 +1014,26 @@ class Daemon:
         more per event for a sequential opener. Everything that must happen on a clock
         (deadlines, the watchdog, reloads, mount changes) is the housekeeper's, on the main
         thread; it sends WATCHDOG=1 only while this loop is waiting or working on a fresh batch.
+
+        The batch is parsed here rather than into Event objects, and two fast paths answer
+        the warm cases without building a Pending: a clean cache hit when nothing excludes
+        or rules (`_fast_clean`), and a remembered exclusion or rule outcome (`_fast_memo`).
+        Every microsecond here is one the opener waits.
         """
-        os.set_blocking(self.group.fd, True)
-        read_into = self.group.read_into
+        gfd = self.group.fd
+        os.set_blocking(gfd, True)
         buf = bytearray(fan.READ_SIZE)
+        unpack = fan.METADATA.unpack_from
+        meta_size = fan.METADATA.size
+        perm_events = fan.PERM_EVENTS
         handle = self._handle
+        fast_clean = self._fast_clean
+        fast_memo = self._fast_memo
         stats = self.stats
+        Event = fan.Event
         while not self.stopping:
             try:
-                events = read_into(buf)
-            except fan.FanotifyError as e:  # a malformed batch: nothing in it can be answered
-                log.error("read loop: %s", e.strerror)
-                continue
+                n = os.readv(gfd, [buf])
             except OSError as e:
                 if self.stopping:
                     return
@@ -870,21 +1041,171 @@ class Daemon:
                 time.sleep(0.01)
                 continue
             self._reader_busy_since = time.monotonic()
+            st = self.state
+            self._side_channels(st)
+            own = self.own_pids
+            off = 0
+            while off + meta_size <= n:
+                ln, vers, _res, meta_len, mask, efd, pid = unpack(buf, off)
+                if vers != fan.FANOTIFY_METADATA_VERSION or ln < meta_size or off + ln > n:
+                    # nothing after this can be parsed, so nothing in it can be answered
+                    log.error("read loop: malformed batch (metadata version %d, length %d at "
+                              "%d of %d)", vers, ln, off, n)
+                    break
+                pidfd = fan.pidfd_of(buf, off + meta_len, off + ln) if meta_len < ln else -1
+                off += ln
+                stats.seen += 1
+                ev = None  # the Event, once _handle may own its fds
+                try:
+                    if mask & perm_events:
+                        stats.permission += 1
+                        if efd >= 0 and pidfd < 0 and pid not in own:
+                            if st.fast:
+                                if fast_clean(st, efd):
+                                    continue
+                            elif st.memo is not None:
+                                done = fast_memo(st, efd, mask, pid)
+                                if done is True:
+                                    continue
+                                ev = Event(mask, efd, pid)
+                                handle(ev, *done)  # type: ignore[misc]
+                                continue
+                    ev = Event(mask, efd, pid, pidfd)
+                    handle(ev)
+                except Exception as e:  # one event's failure must not strand the rest
+                    log.error("read loop: %s", format_exception_safely(e))
+                    self._last_resort(ev if ev is not None else Event(mask, efd, pid, pidfd))
+            self._reader_busy_since = 0.0
+
+    def _fast_clean(self, st: State, efd: int) -> bool:
+        """A clean cache hit when nothing excludes and there are no rules: answered and closed
+        here (True), else nothing done (False). Raises only before the answer."""
+        try:
+            pre = os.fstat(efd)
+        except OSError:
+            return False
+        if not S_ISREG(pre.st_mode) or not self.cache.is_clean(file_key(pre), file_version(pre)):
+            return False
+        if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
+            self._ignore_unchanged(efd, st.perm_mask, pre)
+        self._allow_and_close(efd)
+        self.stats.fast_hits += 1
+        return True
+
+    def _fast_memo(self, st: State, efd: int, mask: int,
+                   pid: int) -> bool | tuple[str | None, tuple[object, ...] | None]:
+        """A remembered outcome: True if answered and closed here; else the (op, memo_base)
+        for _handle, which works it out and remembers it. Raises only before the answer."""
+        t = self.statx.raw(efd)
+        if t is None:
+            return (None, None)
+        op = _OP_BY_MASK.get(mask) or op_of(mask)
+        if st.rules.rules and (mask & fan.FAN_OPEN_EXEC_PERM or self._exec_opens):
+            op = self._pair_exec(mask, pid, key_and_version(t)[0]) or op
+        token = st.memo_token
+        if token is not None:
             procs = self.procwatch
-            if procs is not None:
+            known = procs.procs.get(pid) if procs is not None else None
+            if known is None:
+                return (op, (mask, op, t))
+            tok = token(known)
+            if _UNSET in tok:
+                return (op, (mask, op, t))
+        else:
+            tok = ()
+        r = st.memo.get((mask, op, tok, t))  # type: ignore[union-attr]
+        if r is None or r[3] != self.move_gen:
+            return (op, (mask, op, t))
+        outcome = r[0]
+        if outcome == MEMO_NO_RULE:
+            e = self.cache.clean_entry(r[1], r[2])
+            if e is None or (e.kernel and st.config.daemon.kernel_cache):
+                return (op, None)
+            self._allow_and_close(efd)
+            self.stats.fast_hits += 1
+            return True
+        if outcome == MEMO_EXCLUDED:
+            self._allow_and_close(efd)
+            self.stats.answered(True, "excluded", None)
+            return True
+        if st.rules.rules[outcome].action == "allow":
+            st.rules.hits[outcome] += 1
+            self._allow_and_close(efd)
+            self.stats.answered(True, "rule", None)
+            return True
+        return (op, None)  # deny, audit, kill: the full path logs and answers them
+
+    def _allow_and_close(self, efd: int) -> None:
+        """Allow and free an event fd. A response the kernel no longer wants (ENOENT: the
+        opener was killed) is fine; any other error leaves the fd to the caller's last resort."""
+        try:
+            os.write(self._gfd, _pack_response(efd, fan.FAN_ALLOW))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        try:
+            os.close(efd)
+        except OSError:
+            pass
+
+    def _side_channels(self, st: State) -> None:
+        """What must be applied after a batch is read and before any of it is decided, at the
+        cost of one epoll_wait() when nothing happened: process events (procwatch), directory
+        moves and mount-table changes (both void remembered outcomes)."""
+        procs = self.procwatch
+        if procs is not self._side_procs:
+            self._side_setup(procs)
+        if self._side_ep is None:
+            return
+        for fd, _ev in self._side_ep.poll(0):
+            if procs is not None and fd == procs.fileno():
                 try:
                     procs.drain()  # every exec/set*id/exit before these events is now applied
                 except Exception as e:  # never lose a batch over it: stop remembering instead
                     log.error("process events: %s; openers' facts are read per event from now on", e)
                     self.procwatch = None
-            stats.seen += len(events)
-            for ev in events:
-                try:
-                    handle(ev)
-                except Exception as e:  # one event's failure must not strand the rest
-                    log.error("read loop: %s", format_exception_safely(e))
-                    self._last_resort(ev)
-            self._reader_busy_since = 0.0
+                continue
+            if self.moves is not None and fd == self.moves.fd:
+                self._moves_seen(st)
+            elif st.memo:  # mountinfo: a mount came, went or moved (each poll re-arms it)
+                st.memo.clear()
+                self.stats.memo_clears += 1
+
+    def _moves_seen(self, st: State) -> None:
+        """Directory entries moved: what was decided by path may no longer hold.
+
+        Called by the read loop before each batch (so no remembered outcome outlives a move
+        that finished before the batch's opens began) and by the housekeeper when no batch
+        comes (the kernel answers marked files itself, so no batch may come): a file with a
+        kernel ignore mark that moves under a path rule would otherwise stay allowed for
+        every opener. That second call is asynchronous: an open in the moments between a
+        rename and the flush is still answered by the old mark (see docs/rules.md)."""
+        moves = self.moves
+        if moves is None or not moves.drain():
+            return
+        if st.memo:
+            st.memo.clear()
+            self.stats.memo_clears += 1
+        if st.rules.needs_path and st.config.daemon.kernel_cache:
+            self.group.flush_ignores()
+            self.stats.ignore_flushes += 1
+
+    def _side_setup(self, procs: ProcWatch | None) -> None:
+        if self._side_ep is not None:
+            self._side_ep.close()
+        ep = select.epoll()
+        n = 0
+        if procs is not None:
+            ep.register(procs.fileno(), select.EPOLLIN)
+            n += 1
+        if self.moves is not None:
+            ep.register(self.moves.fd, select.EPOLLIN)
+            ep.register(self._reader_mountinfo.fileno(), select.EPOLLPRI)
+            n += 2
+        self._side_ep = ep if n else None
+        if not n:
+            ep.close()
+        self._side_procs = procs
 
     def _last_resort(self, ev: fan.Event) -> None:
         """An event whose handling blew up outside the decision's own guard: answer it by the
@@ -917,6 +1238,8 @@ class Daemon:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         poller.register(self._mountinfo.fileno(), select.POLLPRI | select.POLLERR)
+        if self.moves is not None:
+            poller.register(self.moves.fd, select.POLLIN)
         watchdog_s = self.notifier.watchdog_interval()
         status_s = self.state.config.daemon.status_interval_s
         next_watchdog = next_status = time.monotonic()
@@ -933,6 +1256,8 @@ class Daemon:
                             os.read(self._wake_r, 4096)
                         except BlockingIOError:
                             pass
+                    elif self.moves is not None and fd == self.moves.fd:
+                        self._moves_seen(self.state)
                     else:
                         self._sync_marks()  # mount table changed
                 now = time.monotonic()

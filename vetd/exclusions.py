@@ -67,6 +67,12 @@ class Exclusions:
         c = self.config
         return bool(c.exe or c.comm or c.uids)
 
+    @property
+    def subject_attrs(self) -> frozenset[str]:
+        """The opener facts the process layer reads (Subject attribute names)."""
+        c = self.config
+        return frozenset(n for n, used in (("exe", c.exe), ("comm", c.comm), ("uid", c.uids)) if used)
+
     def check(self, op: str, subject: SubjectFacts, obj: ObjectFacts) -> Exclusion | None:
         """The first layer that excludes this event, or None if it must be decided."""
         c = self.config

@@ -53,6 +53,11 @@ class Subject:
         self._parent_exe: object = _UNSET
         self._status: bytes | None = None
 
+    @property
+    def epoch(self) -> int:
+        """The process-events epoch this event was read under (see ProcWatch.maybe_exited)."""
+        return self._epoch
+
     def _remember(self, name: str, value: object) -> None:
         """Keep a fact for this process's next events, unless process events were applied since
         this event began: the value read may predate an exec that was just forgotten."""

@@ -54,6 +54,10 @@ class ProcWatch:
         self.overruns = 0
         self.forgotten = 0
         self.epoch = 0  # bumped whenever process events were applied (see Subject._remember)
+        # tgid -> the epoch its exit was applied in; exits before `unsure_before` are unknown
+        # (an overrun, or the table was cleared). For kills without a per-event pidfd.
+        self.exited: dict[int, int] = {}
+        self.unsure_before = 0
 
     @classmethod
     def open(cls) -> "ProcWatch | None":
@@ -81,6 +85,18 @@ class ProcWatch:
             return None
         return cls(sock)
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def maybe_exited(self, pid: int, since_epoch: int) -> bool:
+        """Whether process `pid` may have exited since `since_epoch` (the epoch an event was
+        read under). False proves that a pidfd opened before this call names the same process
+        as the event did: the kernel reports an exit before the pid can be used again."""
+        self.drain()
+        if since_epoch < self.unsure_before:
+            return True
+        return self.exited.get(pid, -1) >= since_epoch
+
     def entry(self, pid: int) -> Proc:
         p = self.procs.get(pid)
         if p is None:
@@ -103,6 +119,7 @@ class ProcWatch:
                 if e.errno == errno.ENOBUFS:  # reports were lost: nothing remembered is safe
                     self.overruns += 1
                     self.epoch += 1
+                    self.unsure_before = self.epoch + 1
                     procs.clear()
                     continue
                 raise
@@ -124,6 +141,12 @@ class ProcWatch:
                 pid, tgid = _U32x2.unpack_from(data, off + _EVENT_DATA)
                 if what != _PROC_EVENT_EXIT or pid == tgid:
                     self.forgotten += procs.pop(tgid, None) is not None
+                if what == _PROC_EVENT_EXIT:
+                    exited = self.exited
+                    if len(exited) >= MAX_PROCS:
+                        exited.clear()
+                        self.unsure_before = self.epoch + 1
+                    exited[tgid] = self.epoch
             off += (length + 3) & ~3
 
     def close(self) -> None:

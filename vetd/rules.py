@@ -98,6 +98,8 @@ _ATTRS = {a.name: a for a in (
 )}
 _ATTR_ORDER = {n: i for i, n in enumerate(("path", "dir", "fstype", "ftype", "sha256", "exe", "comm",
                                             "uid", "gid", "loginuid", "unit", "cgroup", "pexe"))}
+# What procwatch remembers per process until the kernel reports a change (exec, set*id, comm).
+REMEMBERED_SUBJECT_FACTS = frozenset({"exe", "comm", "uid", "gid"})
 OBJECT_ATTRS = tuple(n for n in _ATTR_ORDER if _ATTRS[n].side == "object")
 SUBJECT_ATTRS = tuple(n for n in _ATTR_ORDER if _ATTRS[n].side == "subject")
 _META = re.compile(rb"[*?\[]")
@@ -965,17 +967,32 @@ class RuleSet:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.files = files
         self.hits: list[int] = [0] * len(self.rules)
+        self._position = {id(r): i for i, r in enumerate(self.rules)}
         compiled = [_Compiled(r, i) for i, r in enumerate(self.rules)]
         self._index = {perm: _PermIndex([e for e in compiled if perm in e.rule.perms])
                        for perm in PERMS}
         self._index = {p: ix for p, ix in self._index.items() if ix.entries}
         attrs = {c.attr for r in self.rules for c in r.objects + r.subjects}
         self.needs_subject = any(r.subjects for r in self.rules)
+        self.subject_attrs = frozenset(_ATTRS[c.attr].model for r in self.rules for c in r.subjects)
         self.needs_path = bool(attrs & {"path", "dir"})
         self.needs_hash = "sha256" in attrs
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    def position(self, rule: Rule) -> int:
+        """The index of one of this set's rules in `rules`."""
+        return self._position[id(rule)]
+
+    def memo_attrs(self) -> tuple[str, ...] | None:
+        """The opener facts (Subject attribute names) that, with the file's identity, version
+        and mount, determine every rule's outcome; None if no such small set exists: a sha256
+        condition (content can change within one timestamp tick) or a fact vetd cannot tell
+        has changed without reading /proc (loginuid, cgroup, unit, parent exe)."""
+        if self.needs_hash or not self.subject_attrs <= REMEMBERED_SUBJECT_FACTS:
+            return None
+        return tuple(sorted(self.subject_attrs))
 
     def evaluate(self, perm: str, subject: object, obj: object) -> Rule | None:
         """The first rule that matches this event, or None (the scanners decide)."""
