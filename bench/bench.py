@@ -74,6 +74,8 @@ SCENARIOS = [
     "vetd_warm_userspace_norules",
     "vetd_exec",
 ]
+ONE_CPU = ["baseline_1cpu", "reference_listener_1cpu", "vetd_warm_userspace_1cpu",
+           "vetd_warm_userspace_norules_1cpu"]
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while vetd reads every file that opens and decides "
@@ -153,10 +155,47 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+PIN_CPU: int | None = None  # set while the one-CPU scenarios run: openers start on this CPU
+
+
 def _child_setup() -> None:
     # a child of the bench dies with it: a vetd or listener must not outlive the bench that
     # checks its marks, and an opener must not outlive its listener
     die_with_parent(signal.SIGKILL)
+    if PIN_CPU is not None:
+        os.sched_setaffinity(0, {PIN_CPU})
+
+
+def pin_all_threads(pid: int, cpus: set[int]) -> None:
+    """Move a running process and all its threads to `cpus`."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass  # a thread that just ended
+
+
+class one_cpu:
+    """The one-CPU variant of a scenario: the listener (every thread) and the openers on CPU 0.
+
+    On a VM a wake-up of the other, idle vCPU can cost tens of microseconds (seen here: the C
+    listener's round trip at 82 us across CPUs, 11 us on one), which hides what a decision
+    costs. On one CPU the round trip is a plain context switch, so the ratio to the reference
+    listener there is the cost of the decision path itself."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> "one_cpu":
+        global PIN_CPU
+        PIN_CPU = 0
+        pin_all_threads(self.pid, {0})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global PIN_CPU
+        PIN_CPU = None
+        pin_all_threads(self.pid, set(range(os.cpu_count() or 1)))
 
 
 def ensure_bench_mount(mnt: str, dev: int, mnt_id: int) -> None:
@@ -982,6 +1021,8 @@ def main() -> int:
             two["baseline"] = measure("baseline", files, args.passes, "read", 2)
         run_openers(work, bins, 1, "exec", 1, args.run_timeout, lambda: None)
         res["baseline_exec"] = measure("baseline_exec", bins, args.exec_passes, "exec", 1)
+        with one_cpu(os.getpid()):
+            res["baseline_1cpu"] = measure("baseline (1 CPU)", files, args.passes, "read", 1)
 
         # --- reference listener
         log("reference_listener (C, allow everything)")
@@ -995,6 +1036,9 @@ def main() -> int:
                     two["reference_listener"] = measure("reference_listener", files, args.passes, "read", 2, ref.kill)
                 res["reference_listener_exec"] = measure("reference_listener_exec", bins, args.exec_passes,
                                                          "exec", 1, ref.kill)
+                with one_cpu(ref.p.pid):
+                    res["reference_listener_1cpu"] = measure("reference_listener (1 CPU)", files,
+                                                             args.passes, "read", 1, ref.kill)
             finally:
                 extra["reference_listener_log"] = ref.stop()
         except BenchError as e:
@@ -1115,6 +1159,9 @@ def main() -> int:
                 res["vetd_cold_rules"] = vmeasure(v, "vetd_cold (200 rules)", files, 1, "read", 1, bad)
                 res["vetd_warm_userspace"] = vmeasure(v, "vetd_warm_userspace", files, args.passes,
                                                       "read", 1, bad)
+                with one_cpu(v.pid):
+                    res["vetd_warm_userspace_1cpu"] = vmeasure(v, "vetd_warm_userspace (1 CPU)", files,
+                                                               args.passes, "read", 1, bad)
                 if not args.no_two:
                     two["vetd_warm_userspace"] = vmeasure(v, "vetd_warm_userspace", files, args.passes,
                                                           "read", 2, bad)
@@ -1132,6 +1179,9 @@ def main() -> int:
                                                             files, 1, "read", 1, bad)
                 res["vetd_warm_userspace_norules"] = vmeasure(v, "vetd_warm_userspace_norules", files,
                                                               args.passes, "read", 1, bad)
+                with one_cpu(v.pid):
+                    res["vetd_warm_userspace_norules_1cpu"] = vmeasure(
+                        v, "vetd_warm_userspace_norules (1 CPU)", files, args.passes, "read", 1, bad)
                 if not args.no_two:
                     two["vetd_warm_userspace_norules"] = vmeasure(v, "vetd_warm_userspace_norules", files,
                                                                   args.passes, "read", 2, bad)
@@ -1213,11 +1263,15 @@ def targets(res: dict, two: dict, rss: dict | None) -> dict:
         return (d.get(k) or {}).get("opens_per_s")
 
     ref, wu = p50(res, "reference_listener"), p50(res, "vetd_warm_userspace")
+    ref1, wu1 = p50(res, "reference_listener_1cpu"), p50(res, "vetd_warm_userspace_1cpu")
     c1, c2 = rate(res, "vetd_cold"), rate(two, "vetd_cold")
     return {
         "vetd_warm_userspace_p50_vs_reference_listener": target(
             "vetd_warm_userspace p50 <= 1.5 x reference_listener p50",
             round(wu / ref, 2) if wu and ref else None, 1.5, True),
+        "vetd_warm_userspace_1cpu_vs_reference_listener_1cpu": target(
+            "the same with listener and opener on one CPU (no cross-CPU wake-up)",
+            round(wu1 / ref1, 2) if wu1 and ref1 else None, 1.5, True),
         "vetd_cold_p50_us": target("vetd_cold p50 <= 150 us, default plugins", p50(res, "vetd_cold"),
                                    150, True),
         "vetd_cold_2_openers_speedup": target(
@@ -1233,6 +1287,8 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
     base, base_x = res.get("baseline"), res.get("baseline_exec")
 
     def basis(name):
+        if name.endswith("_1cpu"):
+            return res.get("baseline_1cpu")
         return base_x if name.endswith("exec") or name == "vetd_exec_first_pass" else base
 
     rows = [
@@ -1245,6 +1301,10 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
         ("vetd_cold_no_kernel_cache", "vetd kernel_cache=false, first pass"),
         ("vetd_warm_userspace_norules", "vetd kernel_cache=false, no rules, repeat passes"),
         ("baseline_end", "no listener, again at the end (drift check)"),
+        ("baseline_1cpu", "no listener, opener on CPU 0"),
+        ("reference_listener_1cpu", "C listener and opener both on CPU 0"),
+        ("vetd_warm_userspace_1cpu", "as vetd_warm_userspace, all on CPU 0"),
+        ("vetd_warm_userspace_norules_1cpu", "as vetd_warm_userspace_norules, all on CPU 0"),
         ("baseline_exec", "exec /bin/true copies, no listener"),
         ("reference_listener_exec", "exec, C listener (+OPEN_EXEC_PERM)"),
         ("vetd_exec_first_pass", "exec, vetd, first exec of each copy"),
@@ -1363,7 +1423,7 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
             print(f"error ({k}): {e}")
     print(f"total bench time {elapsed:.1f} s")
 
-    out = {name: with_ratio(res.get(name), basis(name)) for name in SCENARIOS}
+    out = {name: with_ratio(res.get(name), basis(name)) for name in SCENARIOS + ONE_CPU}
     for name in ("vetd_cold_rules", "vetd_cold_no_kernel_cache", "baseline_end"):
         if name in res:
             out[name] = with_ratio(res[name], base)

@@ -287,7 +287,7 @@ class Daemon:
         self._reader_mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115
         self._side_ep: select.epoll | None = None
         self._side_procs: ProcWatch | None = None
-        self._side_setup(None)
+        self._side_memo = False
 
     def _isolate(self, name: str, table: dict[str, Any]) -> Plugin:
         """Build a plugin that runs in processes of its own (isolation = "process")."""
@@ -1153,8 +1153,9 @@ class Daemon:
         cost of one epoll_wait() when nothing happened: process events (procwatch), directory
         moves and mount-table changes (both void remembered outcomes)."""
         procs = self.procwatch
-        if procs is not self._side_procs:
-            self._side_setup(procs)
+        memo_on = st.memo is not None
+        if procs is not self._side_procs or memo_on != self._side_memo:
+            self._side_setup(procs, memo_on)
         if self._side_ep is None:
             return
         for fd, _ev in self._side_ep.poll(0):
@@ -1190,7 +1191,10 @@ class Daemon:
             self.group.flush_ignores()
             self.stats.ignore_flushes += 1
 
-    def _side_setup(self, procs: ProcWatch | None) -> None:
+    def _side_setup(self, procs: ProcWatch | None, memo_on: bool) -> None:
+        """The read loop's epoll set: process events if they are watched; moves and mount
+        changes only while a memo exists (else the housekeeper alone reads moves, for the
+        kernel-mark flush, and a warm answer saves the epoll_wait)."""
         if self._side_ep is not None:
             self._side_ep.close()
         ep = select.epoll()
@@ -1198,7 +1202,7 @@ class Daemon:
         if procs is not None:
             ep.register(procs.fileno(), select.EPOLLIN)
             n += 1
-        if self.moves is not None:
+        if self.moves is not None and memo_on:
             ep.register(self.moves.fd, select.EPOLLIN)
             ep.register(self._reader_mountinfo.fileno(), select.EPOLLPRI)
             n += 2
@@ -1206,6 +1210,7 @@ class Daemon:
         if not n:
             ep.close()
         self._side_procs = procs
+        self._side_memo = memo_on
 
     def _last_resort(self, ev: fan.Event) -> None:
         """An event whose handling blew up outside the decision's own guard: answer it by the
