@@ -36,10 +36,11 @@ def with_rules(v, text: str, name: str = "10-test.rules") -> Path:
     return d
 
 
-def start_with_rules(vetd_factory, tmpfs, text: str, extra: str = ""):
+def start_with_rules(vetd_factory, tmpfs, text: str, extra: str = "", before: str = ""):
+    """vetd with these rules; `before` goes in [daemon] and may open tables of its own."""
     v = vetd_factory([tmpfs])
     d = with_rules(v, text)
-    v.write_config([tmpfs], f'[rules]\ndir = "{d}"\n{extra}',
+    v.write_config([tmpfs], f'{before}\n[rules]\ndir = "{d}"\n{extra}',
                    f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
     return v.start()
 
@@ -193,11 +194,7 @@ def test_reading_denied_but_running_allowed(tmpfs, vetd_factory, tool):
 # --- remembered outcomes (the read loop's memo) and what must void them ------------------------
 def _start_uncached(vetd_factory, tmpfs, rules: str, exclude: str = ""):
     """Rules with kernel_cache off, so every open reaches vetd and the memo answers repeats."""
-    v = vetd_factory([tmpfs])
-    d = with_rules(v, rules)
-    v.write_config([tmpfs], f'kernel_cache = false\n{exclude}\n[rules]\ndir = "{d}"\n',
-                   f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
-    return v.start()
+    return start_with_rules(vetd_factory, tmpfs, rules, before=f"kernel_cache = false\n{exclude}")
 
 
 def _memo(v) -> dict:
