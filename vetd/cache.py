@@ -155,20 +155,10 @@ class VerdictCache:
         return self.clean_entry(key, version) is not None
 
     def clean_entry(self, key: FileKey, version: FileVersion) -> Entry | None:
-        """is_clean, returning the entry (the fast path asks whether it may go to the kernel).
-        Lru.get inlined: this is the warm answer's one cache look-up."""
-        lru = self._lru
-        if lru is None:
+        """is_clean, returning the entry (the fast path asks whether it may go to the kernel)."""
+        e = self._current(key, version)
+        if e is None or e.expires is not None or e.verdict.denied:
             return None
-        od = lru._od
-        e = od.get(key)
-        if (e is None or e.version != version or e.generation != self.generation
-                or e.expires is not None or e.verdict.denied):
-            return None
-        try:
-            od.move_to_end(key)
-        except KeyError:
-            pass
         self.hits += 1
         return e
 

@@ -396,25 +396,21 @@ class Daemon:
                                                                            plan.scope)))
 
     def _sync_move_marks(self) -> None:
-        """Watch directory moves on every filesystem with permission marks (for the memo)."""
+        """Watch directory moves on every filesystem with permission marks (for the memo).
+        `move_devs` is published whole for the read loop, after the marks it names are on
+        and before those taken off go."""
         moves = self.moves
         if moves is None:
             return
-        devs = {}
-        for m in self.marked.values():
-            devs.setdefault(m.dev, m)
-        have = self.move_devs
-        gone = have - devs.keys()
+        wanted = {m.dev: m for m in self.marked.values()}
+        gone = self._move_marked.keys() - wanted.keys()
         if gone:
             self.move_gen += 1    # outcomes remembered for these filesystems lapse now
-            self.move_devs = have - gone
-        for dev in gone:
-            m = self._move_marked.pop(dev, None)
-            if m is not None:
-                moves.unmark(m.mount_point)
-        added = set()
-        for dev, m in devs.items():
-            if dev in have:
+            self.move_devs = frozenset(self._move_marked.keys() - gone)
+            for dev in gone:
+                moves.unmark(self._move_marked.pop(dev).mount_point)
+        for dev, m in wanted.items():
+            if dev in self._move_marked:
                 continue
             try:
                 moves.mark(m.mount_point)
@@ -424,9 +420,7 @@ class Daemon:
                          e.strerror)
                 continue
             self._move_marked[dev] = m
-            added.add(dev)
-        if added:
-            self.move_devs = self.move_devs | added
+        self.move_devs = frozenset(self._move_marked)
 
     # ------------------------------------------------------------------ answers -----------------
     def _answer(self, p: Pending, allow: bool, reason: str, degraded: str | None = None,
