@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 umask 022  # installed plugin files must not be group/world-writable: vetd refuses those
 if [ "$(id -u)" -ne 0 ]; then echo "install-and-run: run as root (vetd holds fanotify events)" >&2; exit 1; fi
+# A C compiler and Python's headers build vetd._hotpath, the compiled read loop; without them
+# vetd still runs, on its pure-Python loop (slower warm answers; vetctl status says which).
+if ! command -v gcc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    if command -v apt-get >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >&2 ||
+            echo "install-and-run: could not install gcc/python3-dev: vetd runs its pure-Python loop" >&2
+    fi
+fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore .
 bindir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 for cmd in vetd vetctl; do

@@ -10,7 +10,8 @@ umask 022
 chmod -R go-w vetd plugins
 export DEBIAN_FRONTEND=noninteractive
 # python3: the system Python, which the tests run as an unprivileged user (root's may be unreadable)
-debs=(e2fsprogs util-linux mount systemd gcc libc6-dev clamav-daemon python3)
+# gcc, libc6-dev, python3-dev: the C agent example and vetd._hotpath, the compiled read loop
+debs=(e2fsprogs util-linux mount systemd gcc libc6-dev python3-dev clamav-daemon python3)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -291,6 +291,16 @@ class Vetd:
             except TimeoutError:
                 pass
 
+    def wait_log(self, needle: str, timeout: float = 10.0) -> None:
+        """Wait for `needle` in the log: vetd answers first and logs after, so an opener can
+        see its EPERM before the line that explains it is written."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log_text():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not in the log within {timeout}s:\n"
+                                     + self.log_text())
+            time.sleep(0.02)
+
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")

@@ -684,7 +684,7 @@ def test_vetd_denies_eicar_through_an_agent_and_allows_a_clean_file(kind, tmpfs,
     st = v.status()
     vendor = next(p for p in st["plugins"] if p["name"] == "vendor")
     assert vendor["scans"] == 2 and vendor["denies"] == 1 and vendor["errors"] == 0
-    assert "EICAR-Test-File" in v.log_text()
+    v.wait_log("EICAR-Test-File")
 
 
 @pytest.mark.kernel

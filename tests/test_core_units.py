@@ -421,3 +421,54 @@ def test_statx_identity_matches_fstat_keys(tmp_path):
     finally:
         os.close(fd)
     assert sx.raw(-1) is None
+
+
+# --- FastAnswers: the compiled loop's table -------------------------------------------------------
+def test_fast_answers_refuse_what_was_decided_before_a_clear():
+    from vetd.fastanswers import SLOT_CACHE, SLOT_RULE0, FastAnswers
+    fa = FastAnswers(rules=2)
+    epoch = fa.epoch
+    assert fa.add(("k1",), SLOT_RULE0 + 1, None, epoch)
+    fa.clear()                                   # a move came while "k2" was being decided
+    assert not fa.add(("k2",), SLOT_CACHE, 7, epoch)
+    assert fa.table == {}
+    assert fa.add(("k3",), SLOT_CACHE, 7, fa.epoch)
+    assert fa.table == {("k3",): SLOT_CACHE}
+
+
+def test_fast_answers_drop_a_files_clean_hits_with_its_cache_entry():
+    from vetd.fastanswers import SLOT_CACHE, SLOT_EXCLUDED, FastAnswers
+    fa = FastAnswers(rules=0)
+    fa.add(("a", 1), SLOT_CACHE, 1, fa.epoch)
+    fa.add(("a", 2), SLOT_CACHE, 1, fa.epoch)    # the same file, another opener's token
+    fa.add(("b",), SLOT_CACHE, 2, fa.epoch)
+    fa.add(("c",), SLOT_EXCLUDED, None, fa.epoch)
+    fa.drop_file(1)
+    assert set(fa.table) == {("b",), ("c",)}
+
+
+def test_fast_answers_start_again_empty_at_the_limit_and_count_per_slot():
+    from vetd.fastanswers import FastAnswers
+    fa = FastAnswers(rules=1, limit=2)
+    for k in range(3):
+        fa.add((k,), 0, None, fa.epoch)
+    assert fa.table == {(2,): 0}
+    fa.counts[0] += 2
+    fa.counts[2] += 1
+    assert fa.take_counts() == [2, 0, 1]
+    fa.counts[2] += 1
+    assert fa.take_counts() == [0, 0, 1]
+
+
+def test_the_verdict_cache_reports_what_it_drops():
+    from vetd.cache import VerdictCache
+    from vetd.sdk import Verdict
+    dropped = []
+    c = VerdictCache(8)
+    c.on_drop = dropped.append
+    c.store(1, 10, Verdict.allow("ok"), c.generation)
+    c.invalidate(1)
+    c.store(2, 20, Verdict.deny("bad"), c.generation)   # a deny for a file: its allows go
+    c.store(3, 30, Verdict.allow("ok"), c.generation)   # an allow drops nothing
+    c.bump_generation()
+    assert dropped == [1, 2, None]

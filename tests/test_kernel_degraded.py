@@ -100,7 +100,7 @@ def test_a_file_let_through_by_policy_is_scanned_after_the_fact(tmpfs, vetd_fact
     assert out == "OK" and took < 5                 # degraded: allowed on time
     wait_for(lambda: v.status()["late_detections"] == 1, timeout=20, what="the late detection")
     assert open_as_child(bad) == "EPERM"            # and denied from then on
-    assert "late detection" in v.log_text()
+    v.wait_log("late detection")
 
 
 def test_a_flood_larger_than_the_backlog_is_answered_on_time(tmpfs, vetd_factory, plugin_site):
@@ -133,7 +133,7 @@ def test_a_plugin_answering_garbage_is_a_failure_answered_by_policy(tmpfs, vetd_
                      plugins=f'[plugins.garbage]\nanswer = "allow"\non_failure = "{policy}"\n').start()
     assert open_as_child(tmpfs / "f") == expected
     assert plugin(v, "garbage")["errors"] == 1
-    assert "not a Verdict" in v.log_text()
+    v.wait_log("not a Verdict")
 
 
 def _isolated_pids(v) -> set[int]:

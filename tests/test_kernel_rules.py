@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import exec_as_child, open_as_child
+from conftest import exec_as_child, open_as_child, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -36,9 +36,9 @@ def with_rules(v, text: str, name: str = "10-test.rules") -> Path:
     return d
 
 
-def start_with_rules(vetd_factory, tmpfs, text: str, extra: str = "", before: str = ""):
+def start_with_rules(vetd_factory, tmpfs, text: str, extra: str = "", before: str = "", **kw):
     """vetd with these rules; `before` goes in [daemon] and may open tables of its own."""
-    v = vetd_factory([tmpfs])
+    v = vetd_factory([tmpfs], **kw)
     d = with_rules(v, text)
     v.write_config([tmpfs], f'{before}\n[rules]\ndir = "{d}"\n{extra}',
                    f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n')
@@ -62,7 +62,8 @@ def test_only_httpd_opens_the_web_root(tmpfs, vetd_factory, programs):
     assert st["rules"]["count"] == 1
     assert st["rules"]["hits"][0]["hits"] == 3
     assert st["rules"]["uncacheable_in_kernel"] >= 1
-    assert "rule 1 (" in v.log_text() and "10-test.rules:1" in v.log_text()
+    v.wait_log("10-test.rules:1")
+    assert "rule 1 (" in v.log_text()
 
 
 @pytest.fixture
@@ -96,6 +97,7 @@ def test_audit_allows_and_logs(tmpfs, vetd_factory):
     v = start_with_rules(vetd_factory, tmpfs, f"audit open {tmpfs}/audited/**\n")
     assert open_as_child(tmpfs / "audited" / "f") == "OK"
     assert open_as_child(tmpfs / "audited" / "f") == "OK"      # audited every time: never cached
+    wait_for(lambda: v.log_text().count("WARNING vetd: audit open") == 2, what="two audit lines")
     log = v.log_text()
     assert sum(1 for line in log.splitlines() if line.startswith("WARNING vetd: audit open")) == 2
     assert "10-test.rules:1" in log
@@ -133,8 +135,8 @@ def test_bad_rules_refuse_to_start_and_a_bad_reload_keeps_the_old_set(tmpfs, vet
     with_rules(v, "deny open relative/path\n")
     v.signal(signal.SIGHUP)
     v.wait_message("READY=1", after=n)
-    assert "reload failed, keeping the running configuration" in v.log_text()
-    assert "10-test.rules:1" in v.log_text()
+    v.wait_log("reload failed, keeping the running configuration")
+    v.wait_log("10-test.rules:1")
     assert open_as_child(tmpfs / "secret") == "EPERM"
 
 
@@ -192,22 +194,40 @@ def test_reading_denied_but_running_allowed(tmpfs, vetd_factory, tool):
 
 
 # --- remembered outcomes (the read loop's memo) and what must void them ------------------------
-def _start_uncached(vetd_factory, tmpfs, rules: str, exclude: str = ""):
+# Each runs with the compiled read loop (vetd._hotpath answers repeats from its table) and with
+# the pure-Python one (the memo answers them): both must drop what a change voids.
+@pytest.fixture(params=["c", "python"])
+def hot_path(request) -> str:
+    return request.param
+
+
+def _start_uncached(vetd_factory, tmpfs, rules: str, hot_path: str, exclude: str = ""):
     """Rules with kernel_cache off, so every open reaches vetd and the memo answers repeats."""
-    return start_with_rules(vetd_factory, tmpfs, rules, before=f"kernel_cache = false\n{exclude}")
+    return start_with_rules(vetd_factory, tmpfs, rules, before=f"kernel_cache = false\n{exclude}",
+                            env={"VETD_HOTPATH": hot_path})
 
 
 def _memo(v) -> dict:
     return v.status()["rules"]["memo"]
 
 
-def test_a_directory_move_voids_remembered_outcomes_before_the_next_open(tmpfs, vetd_factory):
+def _repeats_answered_by(v, hot_path: str) -> None:
+    """The warm opens so far were answered where this run says: by C, or not at all by it."""
+    hp = v.status()["hot_path"]
+    if hot_path == "c":
+        assert hp["compiled"] and hp["answered"] >= 1, hp
+    else:
+        assert not hp["compiled"] and hp["answered"] == 0, hp
+
+
+def test_a_directory_move_voids_remembered_outcomes_before_the_next_open(tmpfs, vetd_factory, hot_path):
     (tmpfs / "pub").mkdir()
     (tmpfs / "pub" / "f").write_text("x")
-    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n", hot_path)
     for _ in range(3):
         assert open_as_child(tmpfs / "pub" / "f") == "OK"
     assert _memo(v)["enabled"] and _memo(v)["entries"] >= 1
+    _repeats_answered_by(v, hot_path)
     assert v.status()["cache"]["hits"] >= 1
     # the file itself does not change (same inode, times, size): only its path does
     os.rename(tmpfs / "pub", tmpfs / "secret")
@@ -215,12 +235,12 @@ def test_a_directory_move_voids_remembered_outcomes_before_the_next_open(tmpfs, 
     assert _memo(v)["clears"] >= 1
 
 
-def test_a_second_name_of_a_file_is_judged_by_its_own_path(tmpfs, vetd_factory):
+def test_a_second_name_of_a_file_is_judged_by_its_own_path(tmpfs, vetd_factory, hot_path):
     (tmpfs / "pub").mkdir()
     (tmpfs / "secret").mkdir()
     (tmpfs / "pub" / "f").write_text("x")
     os.link(tmpfs / "pub" / "f", tmpfs / "secret" / "f")
-    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n", hot_path)
     for _ in range(3):
         assert open_as_child(tmpfs / "pub" / "f") == "OK"
     assert open_as_child(tmpfs / "secret" / "f") == "EPERM"
@@ -228,16 +248,17 @@ def test_a_second_name_of_a_file_is_judged_by_its_own_path(tmpfs, vetd_factory):
     assert _memo(v)["entries"] == 0  # a file with two names is never remembered
 
 
-def test_the_same_file_through_a_bind_mount_is_judged_by_that_path(tmpfs, vetd_factory):
+def test_the_same_file_through_a_bind_mount_is_judged_by_that_path(tmpfs, vetd_factory, hot_path):
     (tmpfs / "pub").mkdir()
     (tmpfs / "secret").mkdir()
     (tmpfs / "pub" / "f").write_text("x")
     subprocess.run(["mount", "--bind", str(tmpfs / "pub"), str(tmpfs / "secret")], check=True)
     try:
-        v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n")
+        v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n", hot_path)
         for _ in range(3):
             assert open_as_child(tmpfs / "pub" / "f") == "OK"
         assert _memo(v)["entries"] >= 1
+        _repeats_answered_by(v, hot_path)
         assert open_as_child(tmpfs / "secret" / "f") == "EPERM"
         assert open_as_child(tmpfs / "pub" / "f") == "OK"
         v.stop()
@@ -245,15 +266,16 @@ def test_the_same_file_through_a_bind_mount_is_judged_by_that_path(tmpfs, vetd_f
         subprocess.run(["umount", str(tmpfs / "secret")], check=False)
 
 
-def test_a_moved_excluded_directory_is_scanned_again(tmpfs, vetd_factory):
+def test_a_moved_excluded_directory_is_scanned_again(tmpfs, vetd_factory, hot_path):
     from conftest import EICAR
     (tmpfs / "skip").mkdir()
     (tmpfs / "skip" / "eicar.com").write_bytes(EICAR)
-    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/nothing-here/**\n",
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/nothing-here/**\n", hot_path,
                         exclude=f'[exclude]\npaths = ["{tmpfs}/skip/**"]')
     for _ in range(3):
         assert open_as_child(tmpfs / "skip" / "eicar.com") == "OK"   # excluded: not scanned
     assert _memo(v)["entries"] >= 1
+    _repeats_answered_by(v, hot_path)
     os.rename(tmpfs / "skip", tmpfs / "scanned")
     assert open_as_child(tmpfs / "scanned" / "eicar.com") == "EPERM"
 
@@ -272,3 +294,38 @@ def test_a_kernel_cached_file_moved_under_a_path_rule_loses_its_mark(tmpfs, vetd
     os.rename(tmpfs / "pub", tmpfs / "secret")
     wait_for(lambda: v.status()["cache"]["ignore_flushes"] >= 1, what="kernel marks flushed")
     assert open_as_child(tmpfs / "secret" / "f") == "EPERM"
+
+
+def test_a_signature_reload_voids_remembered_clean_answers(tmpfs, vetd_factory, hot_path):
+    """A file answered from the table as clean is scanned again once the signatures change."""
+    import hashlib
+    f = tmpfs / "f"
+    f.write_text("soon listed\n")
+    v = _start_uncached(vetd_factory, tmpfs, f"deny open {tmpfs}/secret/**\n", hot_path)
+    for _ in range(3):
+        assert open_as_child(f) == "OK"
+    _repeats_answered_by(v, hot_path)
+    v.deny_list.write_text(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  now-listed\n")
+    n = len(v.messages)
+    v.signal(signal.SIGHUP)
+    v.wait_message("READY=1", after=n)
+    assert open_as_child(f) == "EPERM"
+
+
+def test_rule_hits_count_answers_given_in_c(tmpfs, vetd_factory, programs):
+    """One httpd process opening a file five times: the repeats are answered by the compiled
+    loop (keyed on the opener's remembered exe), and the rule's hits count all five."""
+    httpd, other = programs
+    (tmpfs / "www").mkdir()
+    page = tmpfs / "www" / "index.html"
+    page.write_text("hi")
+    v = _start_uncached(vetd_factory, tmpfs, f"allow open {tmpfs}/www/** : exe={httpd}\n"
+                        f"deny open {tmpfs}/www/**\n", "c")
+    loop = "import os, sys\nfor _ in range(5):\n    os.close(os.open(sys.argv[1], os.O_RDONLY))\n"
+    subprocess.run([str(httpd), "-c", loop, str(page)], check=True, timeout=30)
+    hp = v.status()["hot_path"]
+    assert hp["by_reason"].get("rule", 0) >= 1, hp
+    assert [h["hits"] for h in v.status()["rules"]["hits"]] == [5], v.status()["rules"]["hits"]
+    # the answer is httpd's only: another program's open of the same file is not in the table
+    assert open_as_child(page, exe=str(other)) == "EPERM"
+    assert [h["hits"] for h in v.status()["rules"]["hits"]] == [5, 1]

@@ -469,7 +469,7 @@ def test_vetd_denies_signed_files_and_allows_clean_ones(tmpfs, vetd_factory, cla
     assert st["events"]["permission"] == 3
     plugin = next(p for p in st["plugins"] if p["name"] == "clamav")
     assert (plugin["scans"], plugin["denies"], plugin["errors"]) == (3, 2, 0)
-    assert f"clamav:{SIGNED_SIG}" in v.log_text()
+    v.wait_log(f"clamav:{SIGNED_SIG}")
 
 
 @needs_clamd
@@ -488,7 +488,7 @@ def test_vetd_with_a_frozen_clamd_answers_by_on_error_in_time(tmpfs, vetd_factor
         elapsed = time.monotonic() - t0
     assert elapsed < 1.0 + MARGIN_S + 1.0, f"open took {elapsed:.1f}s with timeout_s = 1"
     assert v.status()["degraded"]["error"] >= 1
-    assert "did not answer within" in v.log_text()
+    v.wait_log("did not answer within")
     # thawed: real scans again (with on_error = "deny" an OK can only come from a clean scan)
     wait_for(lambda: open_as_child(tmpfs / "later.txt") == "OK", timeout=20,
              what="vetd to scan with clamd again")
@@ -516,13 +516,13 @@ def test_vetd_starts_with_clamd_down_and_recovers_when_it_comes_back(tmpfs, vetd
     clamd.kill()
     v = vetd_factory([tmpfs], extra='[scan]\non_error = "deny"',
                      plugins=clamav_table(clamd, timeout_s=2.0)).start()
-    assert "not answering" in v.log_text()
+    v.wait_log("not answering")
     assert open_as_child(tmpfs / "clean.txt") == "EPERM"       # degraded: the policy says deny
     clamd.start()
     wait_for(lambda: open_as_child(tmpfs / "clean.txt") == "OK", timeout=20,
              what="vetd to scan with the restarted clamd")
     assert open_as_child(tmpfs / "signed.txt") == "EPERM"
-    assert f"clamav:{SIGNED_SIG}" in v.log_text()
+    v.wait_log(f"clamav:{SIGNED_SIG}")
     clamd.restart()                                            # pooled sessions go stale
     (tmpfs / "clean2.txt").write_text("clean again\n")
     assert open_as_child(tmpfs / "clean2.txt") == "OK"

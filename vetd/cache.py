@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, NamedTuple, TypeVar
 
 from .sdk import Verdict
@@ -112,6 +113,13 @@ class VerdictCache:
         self._interned: dict[Verdict, Verdict] = {}  # equal verdicts share one object
         self.hits = 0
         self.misses = 0
+        # Told when an entry is dropped or turns to a deny (its key), or all are (None): the
+        # read loop's table answers (vetd.fastanswers) stand on clean entries.
+        self.on_drop: Callable[[FileKey | None], None] | None = None
+
+    def _dropped(self, key: FileKey | None) -> None:
+        if self.on_drop is not None:
+            self.on_drop(key)
 
     def __len__(self) -> int:
         return len(self._lru) if self._lru is not None else 0
@@ -154,6 +162,10 @@ class VerdictCache:
         it; so this counts only its hits."""
         return self.clean_entry(key, version) is not None
 
+    def still(self, key: FileKey, version: FileVersion, entry: Entry) -> bool:
+        """Whether `entry` is still the current one for this version (not counted)."""
+        return self._current(key, version) is entry
+
     def clean_entry(self, key: FileKey, version: FileVersion) -> Entry | None:
         """is_clean, returning the entry (the fast path asks whether it may go to the kernel)."""
         e = self._current(key, version)
@@ -171,11 +183,14 @@ class VerdictCache:
         lru = self._lru
         if lru is not None:
             lru.put(key, Entry(version, generation, verdict, expires))
+            if verdict.denied:
+                self._dropped(key)
 
     def invalidate(self, key: FileKey) -> None:
         lru = self._lru
         if lru is not None:
             lru.pop(key)
+        self._dropped(key)
 
     def bump_generation(self) -> int:
         """Signatures or policy changed: every entry is stale from now on."""
@@ -183,6 +198,7 @@ class VerdictCache:
             self.generation += 1
             if self._lru is not None:
                 self._lru.clear()
+        self._dropped(None)
         return self.generation
 
     def resize(self, entries: int) -> None:
@@ -193,6 +209,7 @@ class VerdictCache:
                 for k, v in old.items()[-entries:]:
                     new.put(k, v)
             self._lru = new
+        self._dropped(None)
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses

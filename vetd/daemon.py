@@ -18,6 +18,7 @@ import select
 import signal
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from operator import attrgetter
 from stat import S_ISREG
@@ -31,6 +32,7 @@ from .fileid import NLINK, MODE, Statx, key_and_version
 from .config import Config, load as load_config
 from .control import ControlServer
 from .exclusions import Exclusions
+from .fastanswers import SLOT_CACHE, SLOT_EXCLUDED, SLOT_RULE0, FastAnswers, hotpath
 from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
@@ -51,6 +53,8 @@ EVENT_BITS = {"open": fan.FAN_OPEN_PERM, "exec": fan.FAN_OPEN_EXEC_PERM, "access
 MEMO_NO_RULE = -1
 MEMO_EXCLUDED = -2
 MEMO_ENTRIES = 65536
+# The flags array shared with vetd._hotpath's loop (its FLAG_* enum).
+FLAG_SERIAL, FLAG_MOVES, FLAG_SEEN, FLAG_BUSY_NS, FLAG_STOP, N_FLAGS = range(6)
 _UNSET = Proc.UNSET
 _pack_response = fan.RESPONSE.pack
 
@@ -95,6 +99,8 @@ class State:
     # file); None when this state's decisions cannot be remembered safely (see _with_memo).
     memo: dict[tuple[object, ...], tuple[int, int, int, int]] | None = None
     memo_token: Callable[[object], tuple[object, ...]] | None = None
+    # The allows vetd._hotpath may give by itself (None: no compiled loop, or nothing to give)
+    answers: FastAnswers | None = None
 
     @property
     def fast(self) -> bool:
@@ -174,6 +180,22 @@ class Stats:
         self.overflows = 0
         self.memo_clears = 0            # remembered outcomes dropped (a move, a mount change)
         self.ignore_flushes = 0         # kernel ignore marks dropped because a path rule may care
+        # answered by vetd._hotpath from FastAnswers tables, folded in by fold_table()
+        self.table_answers = 0
+        self.table_by_reason: dict[str, int] = {}
+
+    def fold_table(self, counts: list[int], rule_hits: list[int]) -> None:
+        """Add what a FastAnswers table answered since it was last folded."""
+        with self._lock:
+            for slot, n in enumerate(counts):
+                if not n:
+                    continue
+                self.table_answers += n
+                reason = ("cache" if slot == SLOT_CACHE else "excluded" if slot == SLOT_EXCLUDED
+                          else "rule")
+                self.table_by_reason[reason] = self.table_by_reason.get(reason, 0) + n
+                if slot >= SLOT_RULE0 and slot - SLOT_RULE0 < len(rule_hits):
+                    rule_hits[slot - SLOT_RULE0] += n
 
     def answered(self, allow: bool, reason: str, degraded: str | None) -> None:
         with self._lock:
@@ -275,7 +297,24 @@ class Daemon:
         self.move_devs: frozenset[int] = frozenset()  # st_dev of filesystems whose moves we see
         self._move_marked: dict[int, mounts.Mount] = {}
         self.move_gen = 0  # bumped when that set changes: remembered outcomes from before lapse
-        self.state = self._with_memo(self.state)
+        # The compiled read loop (vetd._hotpath), unless it is not built or VETD_HOTPATH=python
+        # asks for the pure-Python one (the reference behaviour; the tests run both).
+        self.hot = hotpath if os.environ.get("VETD_HOTPATH", "c") != "python" else None
+        # Shared with the C loop (vetd._hotpath, FLAG_* there): the state serial, bumped at
+        # every swap; set while the housekeeper is between draining a move and clearing what
+        # it voids; permission events C took; when its batch was read; stop.
+        self._flags = array("q", [0] * N_FLAGS)
+        self._answer_sets: list[tuple[FastAnswers, list[int]]] = []  # live tables, their rule hits
+        self._answers_lock = threading.Lock()
+        self._batch_epoch = 0   # the FastAnswers epoch the current batch is decided under
+        self._memo_epoch = 0    # bumped by every clear of remembered outcomes
+        self._batch_memo_epoch = 0
+        # A move drained and the memo it voids cleared are one step for the read loop: the
+        # housekeeper sets flags[FLAG_MOVES] before it drains, and the read loop, seeing it,
+        # waits on this lock (see _side_channels).
+        self._moves_lock = threading.Lock()
+        self.cache.on_drop = self._cache_dropped
+        self._install_state(self.state)
         self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
         self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
                                  lambda: self.pool.depth == 0 and self.pool.busy == 0)
@@ -346,6 +385,62 @@ class Daemon:
             token = attrgetter(*attrs)
         return replace(st, memo={}, memo_token=token)
 
+    def _install_state(self, st: State) -> None:
+        """Make `st` the state decisions read, with a fresh memo and FastAnswers table where
+        they are safe. The serial bump tells a C read already blocked in read() that the
+        tables it was handed are no longer the current ones."""
+        st = self._with_memo(st)
+        answers = None
+        if self.hot is not None and (st.memo is not None
+                                     or (st.fast and not st.config.daemon.kernel_cache)):
+            answers = FastAnswers(len(st.rules.rules))
+            st = replace(st, answers=answers)
+        old = getattr(self, "state", None)
+        with self._answers_lock:
+            if answers is not None:
+                self._answer_sets.append((answers, st.rules.hits))
+        self.state = st
+        self._flags[FLAG_SERIAL] += 1
+        if old is not None and old.answers is not None and old.answers is not answers:
+            # Cleared, nothing more can be answered from it (the C loop looks entries up holding
+            # the GIL), so its counts are final: fold them in now.
+            old.answers.clear()
+            self._retire_answers(old.answers)
+
+    def _retire_answers(self, answers: FastAnswers | None) -> None:
+        """Fold a replaced table's last counts in and stop tracking it."""
+        if answers is None:
+            return
+        self._fold_answers()
+        with self._answers_lock:
+            self._answer_sets = [a for a in self._answer_sets if a[0] is not answers]
+
+    def _fold_answers(self) -> None:
+        with self._answers_lock:
+            sets = list(self._answer_sets)
+        for answers, hits in sets:
+            self.stats.fold_table(answers.take_counts(), hits)
+
+    def _cache_dropped(self, key: int | None) -> None:
+        """The verdict cache dropped one file's entry (key) or all of them (None): the
+        table answers standing on them go too."""
+        with self._answers_lock:
+            sets = list(self._answer_sets)
+        for answers, _hits in sets:
+            if key is None:
+                answers.clear()
+            else:
+                answers.drop_file(key)
+
+    def _forget_outcomes(self, st: State) -> None:
+        """Remembered outcomes may be wrong now (a move, a mount change): drop them all."""
+        self._memo_epoch += 1
+        if st.memo is not None:
+            st.memo.clear()
+        if st.answers is not None:
+            st.answers.clear()
+        self.stats.memo_clears += 1
+
     def _build_state(self, config: Config, generation: int, plugins: tuple[Plugin, ...],
                      ruleset: rules_mod.RuleSet) -> State:
         st = build_state(config, self.group.features, self.group.accepts_deny_errno, generation, (),
@@ -392,8 +487,7 @@ class Daemon:
         self.fstypes = {m.dev: m.fstype for m in self.marked.values()}
         self._sync_move_marks()
         if plan.scope != st.exclusions.scope:
-            self.state = self._with_memo(replace(st, exclusions=Exclusions(st.config.exclude,
-                                                                           plan.scope)))
+            self._install_state(replace(st, exclusions=Exclusions(st.config.exclude, plan.scope)))
 
     def _sync_move_marks(self) -> None:
         """Watch directory moves on every filesystem with permission marks (for the memo).
@@ -406,6 +500,8 @@ class Daemon:
         gone = self._move_marked.keys() - wanted.keys()
         if gone:
             self.move_gen += 1    # outcomes remembered for these filesystems lapse now
+            if self.state.answers is not None:
+                self.state.answers.clear()
             self.move_devs = frozenset(self._move_marked.keys() - gone)
             for dev in gone:
                 moves.unmark(self._move_marked.pop(dev).mount_point)
@@ -606,9 +702,23 @@ class Daemon:
         tok = token(p.subject) if token is not None else ()
         if _UNSET in tok:
             return
-        if len(memo) >= MEMO_ENTRIES:  # a plain dict: a lookup is one C call, an LRU's is not
-            memo.clear()
-        memo[(base[0], base[1], tok, t)] = (outcome, key, version, self.move_gen)
+        with self._moves_lock:  # not after a clear that came since this batch was read
+            if self._memo_epoch != self._batch_memo_epoch:
+                return
+            if len(memo) >= MEMO_ENTRIES:  # a plain dict: a lookup is one C call, an LRU's is not
+                memo.clear()
+            memo[(base[0], base[1], tok, t)] = (outcome, key, version, self.move_gen)
+        answers = p.state.answers
+        if answers is not None and base[1] == op_of(base[0]):  # not an exec-paired op
+            if outcome == MEMO_EXCLUDED:
+                answers.add((base[0], tok, t), SLOT_EXCLUDED, None, self._batch_epoch)
+            elif outcome >= 0 and self._plain_allow(p.state, outcome):
+                answers.add((base[0], tok, t), SLOT_RULE0 + outcome, None, self._batch_epoch)
+
+    @staticmethod
+    def _plain_allow(st: State, position: int) -> bool:
+        """Whether rule `position` allows with nothing to log or count beyond its hits."""
+        return st.rules.rules[position].action == "allow"
 
     def _decide(self, p: Pending, paired: bool = False) -> None:
         failpoints.hit("decide")
@@ -869,8 +979,8 @@ class Daemon:
                 gen = self.cache.bump_generation()
                 if new.config.cache.entries != old.config.cache.entries:
                     self.cache.resize(new.config.cache.entries)
-                self.state = replace(new, generation=gen, exclusions=Exclusions(
-                    new.config.exclude, old.exclusions.scope))
+                self._install_state(replace(new, generation=gen, exclusions=Exclusions(
+                    new.config.exclude, old.exclusions.scope)))
                 set_level(new.config.daemon.log_level)
                 self._watch_processes_if_needed()
                 self.pool.resize(new.config.scan.workers)
@@ -904,8 +1014,11 @@ class Daemon:
         return done.result(timeout=60)
 
     def status(self) -> dict[str, Any]:
+        self._fold_answers()
         st, s = self.state, self.stats
         f = self.group.features
+        table_cache = s.table_by_reason.get("cache", 0)
+        c_seen = self._flags[FLAG_SEEN]
         return {
             "version": __version__,
             "mode": "enforcing",
@@ -917,19 +1030,21 @@ class Daemon:
                                                       "evictable_ignore", "exec_perm", "audit")},
             "marks": [{"path": os.fsdecode(m.mount_point), "fstype": m.fstype,
                        "kind": st.config.daemon.mark} for m in self.marked.values()],
-            "events": {"seen": s.seen, "permission": s.permission, "notification": s.notification,
+            "events": {"seen": s.seen + c_seen, "permission": s.permission + c_seen,
+                       "notification": s.notification,
                        "overflows": s.overflows},
-            "answers": {"allow": s.allow + s.fast_hits, "deny": s.deny,
+            "answers": {"allow": s.allow + s.fast_hits + s.table_answers, "deny": s.deny,
                         "by_reason": self._by_reason()},
-            "cache": {"entries": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
-                      "hit_rate": round(self.cache.hit_rate(), 4), "kernel_marks": s.kernel_marks,
+            "cache": {"entries": len(self.cache), "hits": self.cache.hits + table_cache,
+                      "misses": self.cache.misses,
+                      "hit_rate": round(self._hit_rate(table_cache), 4), "kernel_marks": s.kernel_marks,
                       "kernel_marks_withdrawn": s.kernel_marks_withdrawn,
                       "ignore_flushes": s.ignore_flushes,
                       "generation": self.cache.generation},
             "degraded": dict(s.degraded),
             "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,
                         "in_flight": sum(1 for d in list(self._deadlines) if not d[2].answered),
-                        "read_loop": "waiting" if not self._reader_busy_since else "working",
+                        "read_loop": "waiting" if not self._reader_busy() else "working",
                         "workers": self.pool.workers},
             "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
             "late_detections": s.late_detections,
@@ -942,6 +1057,10 @@ class Daemon:
                       "memo": {"enabled": st.memo is not None,
                                "entries": len(st.memo) if st.memo is not None else 0,
                                "clears": s.memo_clears}},
+            "hot_path": {"compiled": self.hot is not None,
+                         "table_entries": len(st.answers) if st.answers is not None else 0,
+                         "answered": s.table_answers,
+                         "by_reason": dict(s.table_by_reason)},
             "rescan": {"queued": self.rescans.depth, "limit": st.config.degraded.rescan_queue,
                        "enabled": st.config.degraded.rescan},
         }
@@ -950,7 +1069,14 @@ class Daemon:
         reasons = dict(self.stats.by_reason)
         if self.stats.fast_hits:
             reasons["cache"] = reasons.get("cache", 0) + self.stats.fast_hits
+        for reason, n in self.stats.table_by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + n
         return reasons
+
+    def _hit_rate(self, table_hits: int) -> float:
+        hits = self.cache.hits + table_hits
+        total = hits + self.cache.misses
+        return hits / total if total else 0.0
 
     def _plugin_status(self, name: str, st: State) -> dict[str, Any]:
         ps = self.plugin_stats.get(name, PluginStats())
@@ -963,21 +1089,29 @@ class Daemon:
         return self.status()
 
     def status_line(self) -> str:
+        self._fold_answers()
         s = self.stats
         degraded = sum(s.degraded.values())
         sick = [n for n, b in self.state.breakers.items() if b.state != Breaker.CLOSED]
         health = f"; UNHEALTHY: {', '.join(sick)}" if sick else ""
-        return (f"{s.permission} events: {s.allow + s.fast_hits} allowed, {s.deny} denied, "
-                f"{degraded} degraded; "
-                f"cache {self.cache.hit_rate():.0%} hits, {s.kernel_marks} kernel marks; "
+        return (f"{s.permission + self._flags[FLAG_SEEN]} events: {s.allow + s.fast_hits + s.table_answers} allowed, "
+                f"{s.deny} denied, {degraded} degraded; "
+                f"cache {self._hit_rate(s.table_by_reason.get('cache', 0)):.0%} hits, {s.kernel_marks} kernel marks; "
                 f"backlog {self.pool.depth}{health}")
 
     # ------------------------------------------------------------------ the loop ----------------
+    def _reader_busy(self) -> float:
+        """When the batch the read loop is on was read (monotonic seconds), 0.0 while it waits
+        in read(). The C loop keeps its own clock in the flags (CLOCK_MONOTONIC, as here)."""
+        ns = self._flags[FLAG_BUSY_NS]
+        return self._reader_busy_since or (ns / 1e9 if ns else 0.0)
+
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
             self._reload_flag = True
         else:
             self.stopping = True
+            self._flags[FLAG_STOP] = 1
 
     def run(self, watch_override: tuple[str, ...] | None = None) -> int:
         self._watch_override = watch_override
@@ -1009,22 +1143,14 @@ class Daemon:
         (deadlines, the watchdog, reloads, mount changes) is the housekeeper's, on the main
         thread; it sends WATCHDOG=1 only while this loop is waiting or working on a fresh batch.
 
-        The batch is parsed here rather than into Event objects, and two fast paths answer
-        the warm cases without building a Pending: a clean cache hit when nothing excludes
-        or rules (`_fast_clean`), and a remembered exclusion or rule outcome (`_fast_memo`).
-        Every microsecond here is one the opener waits.
+        This is the pure-Python loop (no vetd._hotpath, or VETD_HOTPATH=python): every event
+        goes through _event. _read_loop_hot gives the same answers with the warm ones in C.
         """
         gfd = self.group.fd
         os.set_blocking(gfd, True)
         buf = bytearray(fan.READ_SIZE)
-        unpack = fan.METADATA.unpack_from
         meta_size = fan.METADATA.size
-        perm_events = fan.PERM_EVENTS
-        handle = self._handle
-        fast_clean = self._fast_clean
-        fast_memo = self._fast_memo
-        stats = self.stats
-        Event = fan.Event
+        event = self._event
         while not self.stopping:
             try:
                 n = os.readv(gfd, [buf])
@@ -1037,39 +1163,138 @@ class Daemon:
             self._reader_busy_since = time.monotonic()
             st = self.state
             self._side_channels(st)
-            own = self.own_pids
+            self._begin_batch(st)
             off = 0
             while off + meta_size <= n:
-                ln, vers, _res, meta_len, mask, efd, pid = unpack(buf, off)
-                if vers != fan.FANOTIFY_METADATA_VERSION or ln < meta_size or off + ln > n:
-                    # nothing after this can be parsed, so nothing in it can be answered
-                    log.error("read loop: malformed batch (metadata version %d, length %d at "
-                              "%d of %d)", vers, ln, off, n)
-                    break
-                pidfd = fan.pidfd_of(buf, off + meta_len, off + ln) if meta_len < ln else -1
-                off += ln
-                stats.seen += 1
-                ev = None  # the Event, once _handle may own its fds
-                try:
-                    if mask & perm_events:
-                        stats.permission += 1
-                        if efd >= 0 and pidfd < 0 and pid not in own:
-                            if st.fast:
-                                if fast_clean(st, efd):
-                                    continue
-                            elif st.memo is not None:
-                                done = fast_memo(st, efd, mask, pid)
-                                if done is True:
-                                    continue
-                                ev = Event(mask, efd, pid)
-                                handle(ev, *done)  # type: ignore[misc]
-                                continue
-                    ev = Event(mask, efd, pid, pidfd)
-                    handle(ev)
-                except Exception as e:  # one event's failure must not strand the rest
-                    log.error("read loop: %s", format_exception_safely(e))
-                    self._last_resort(ev if ev is not None else Event(mask, efd, pid, pidfd))
+                off = event(st, buf, off, n)
             self._reader_busy_since = 0.0
+
+    def _read_loop_hot(self) -> None:
+        """The read loop with vetd._hotpath: hot.run() reads batches (without the GIL) and
+        answers those st.answers knows whole, in C, without coming back here. A batch with
+        events it does not know, or any event that is not a permission event, comes back with
+        those left, in order, for _event.
+
+        run() returns without answering anything when a side channel has news or the state
+        changed while it waited in read(): those are applied first, as _read_loop does, and
+        the batch is then answered from the tables as they are after them."""
+        hot = self.hot
+        assert hot is not None
+        gfd = self.group.fd
+        os.set_blocking(gfd, True)
+        buf = bytearray(fan.READ_SIZE)
+        meta_size = fan.METADATA.size
+        flags = self._flags
+        event = self._event
+        want = self.statx.want
+        while not self.stopping:
+            st = self.state
+            expected = flags[FLAG_SERIAL]
+            answers = st.answers
+            ready: tuple[int, ...] = ()
+            try:
+                if answers is None:
+                    n = os.readv(gfd, [buf])
+                    left = None
+                else:
+                    side = self._side_fd(st)
+                    tables = self._tables(st, answers, want)
+                    n, stop, _done, left = hot.run(gfd, buf, side, flags, expected, *tables)
+                    if stop < 0:  # news: `left` is the side fds its epoll_wait reported
+                        ready, left = left, None
+            except OSError as e:
+                if self.stopping:
+                    return
+                log.error("read loop: read: %s", e.strerror)
+                time.sleep(0.01)
+                continue
+            self._reader_busy_since = time.monotonic()
+            if left is None:  # news first, then the batch as the tables are after it
+                st = self.state
+                self._side_channels(st, ready)
+                answers = st.answers
+                stop = 0
+                if answers is not None:
+                    tables = self._tables(st, answers, want)
+                    stop, seen, _done, left = hot.answer(buf, 0, n, gfd, *tables)
+                    flags[FLAG_SEEN] += seen
+            self._begin_batch(st)
+            while True:
+                if left:
+                    for loff, t in left:
+                        event(st, buf, loff, n, t)
+                if stop + meta_size > n:
+                    break
+                stop = event(st, buf, stop, n)  # what C stopped at: a notification, or malformed
+                if answers is None:
+                    while stop + meta_size <= n:
+                        stop = event(st, buf, stop, n)
+                    break
+                if stop + meta_size > n:
+                    break
+                stop, seen, _done, left = hot.answer(buf, stop, n, gfd, *tables)
+                flags[FLAG_SEEN] += seen
+            self._reader_busy_since = 0.0
+
+    def _tables(self, st: State, answers: FastAnswers, want: int) -> tuple[object, ...]:
+        """What hot.run/answer look events up in, for this state."""
+        procs = self.procwatch
+        if st.memo_token is not None and procs is not None and procs.epoch != answers.tokens_epoch:
+            answers.sync_tokens(procs.epoch)  # process events came: no token is sure now
+        return (answers.table, answers.tokens if st.memo_token is not None else None,
+                self._exec_opens if st.rules.rules else None, want, answers.counts)
+
+    def _begin_batch(self, st: State) -> None:
+        """What this batch is decided under: answers worked out now may be remembered only if
+        nothing cleared the memo or the table since (see _remember)."""
+        self._batch_memo_epoch = self._memo_epoch
+        if st.answers is not None:
+            self._batch_epoch = st.answers.epoch
+
+    def _event(self, st: State, buf: bytearray, off: int, n: int,
+               t: tuple[int, ...] | None | bool = False) -> int:
+        """Handle the event at buf[off]; returns the offset of the next one (n if the rest
+        cannot be parsed). `t` is set for an event vetd._hotpath already counted and left
+        here: its statx tuple, or None if it made none.
+
+        Two fast paths answer the warm cases without building a Pending: a clean cache hit
+        when nothing excludes or rules (`_fast_clean`), and a remembered exclusion or rule
+        outcome (`_fast_memo`). Every microsecond here is one the opener waits."""
+        ln, vers, _res, meta_len, mask, efd, pid = fan.METADATA.unpack_from(buf, off)
+        if vers != fan.FANOTIFY_METADATA_VERSION or ln < fan.METADATA.size or off + ln > n:
+            # nothing after this can be parsed, so nothing in it can be answered
+            log.error("read loop: malformed batch (metadata version %d, length %d at "
+                      "%d of %d)", vers, ln, off, n)
+            return n
+        pidfd = fan.pidfd_of(buf, off + meta_len, off + ln) if meta_len < ln else -1
+        counted = t is not False
+        sx = t if counted else None
+        stats = self.stats
+        if not counted:
+            stats.seen += 1
+        ev = None  # the Event, once _handle may own its fds
+        try:
+            if mask & fan.PERM_EVENTS:
+                if not counted:
+                    stats.permission += 1
+                if efd >= 0 and pidfd < 0 and pid not in self.own_pids:
+                    if st.fast:
+                        if (self._fast_clean_t(st, efd, mask, sx) if sx is not None  # type: ignore[arg-type]
+                                else self._fast_clean(st, efd)):
+                            return off + ln
+                    elif st.memo is not None:
+                        done = self._fast_memo(st, efd, mask, pid, sx)  # type: ignore[arg-type]
+                        if done is True:
+                            return off + ln
+                        ev = fan.Event(mask, efd, pid)
+                        self._handle(ev, *done)  # type: ignore[misc]
+                        return off + ln
+            ev = fan.Event(mask, efd, pid, pidfd)
+            self._handle(ev)
+        except Exception as e:  # one event's failure must not strand the rest
+            log.error("read loop: %s", format_exception_safely(e))
+            self._last_resort(ev if ev is not None else fan.Event(mask, efd, pid, pidfd))
+        return off + ln
 
     def _fast_clean(self, st: State, efd: int) -> bool:
         """A clean cache hit when nothing excludes and there are no rules: answered and closed
@@ -1086,17 +1311,42 @@ class Daemon:
         self.stats.fast_hits += 1
         return True
 
-    def _fast_memo(self, st: State, efd: int, mask: int,
-                   pid: int) -> bool | tuple[str | None, tuple[object, ...] | None]:
+    def _fast_clean_t(self, st: State, efd: int, mask: int, t: tuple[int, ...]) -> bool:
+        """_fast_clean for the compiled loop's leftovers, from the statx it already made; a
+        clean hit that needs no kernel mark becomes a table answer for next time."""
+        if not S_ISREG(t[MODE]):
+            return False
+        key, version = key_and_version(t)
+        e = self.cache.clean_entry(key, version)
+        if e is None:
+            return False
+        kernel = st.config.daemon.kernel_cache
+        if kernel:  # the kernel had evicted its mark
+            self._ignore_unchanged(efd, st.perm_mask, os.fstat(efd))
+        self._allow_and_close(efd)
+        self.stats.fast_hits += 1
+        answers = st.answers
+        if answers is not None and not kernel:
+            answers.add((mask, (), t), SLOT_CACHE, key, self._batch_epoch)
+            if not self.cache.still(key, version, e):  # dropped meanwhile: drop it too
+                answers.drop_file(key)
+        return True
+
+    def _fast_memo(self, st: State, efd: int, mask: int, pid: int,
+                   t: tuple[int, ...] | None = None) -> bool | tuple[str | None, tuple[object, ...] | None]:
         """A remembered outcome: True if answered and closed here; else the (op, memo_base)
-        for _handle, which works it out and remembers it. Raises only before the answer."""
-        t = self.statx.raw(efd)
+        for _handle, which works it out and remembers it. Raises only before the answer.
+        `t`: the event fd's statx if the compiled loop made it already. A plain allow it
+        finds becomes a table answer (st.answers) for the compiled loop next time."""
         if t is None:
-            return (None, None)
+            t = self.statx.raw(efd)
+            if t is None:
+                return (None, None)
         op = _OP_BY_MASK.get(mask) or op_of(mask)
         if st.rules.rules and (mask & fan.FAN_OPEN_EXEC_PERM or self._exec_opens):
             op = self._pair_exec(mask, pid, key_and_version(t)[0]) or op
         token = st.memo_token
+        answers = st.answers
         if token is not None:
             procs = self.procwatch
             known = procs.procs.get(pid) if procs is not None else None
@@ -1105,29 +1355,39 @@ class Daemon:
             tok = token(known)
             if _UNSET in tok:
                 return (op, (mask, op, t))
+            if answers is not None and procs.epoch == answers.tokens_epoch:  # type: ignore[union-attr]
+                answers.tokens[pid] = tok
         else:
             tok = ()
         r = st.memo.get((mask, op, tok, t))  # type: ignore[union-attr]
         if r is None or r[3] != self.move_gen:
             return (op, (mask, op, t))
         outcome = r[0]
+        slot = -1
         if outcome == MEMO_NO_RULE:
             e = self.cache.clean_entry(r[1], r[2])
             if e is None or (e.kernel and st.config.daemon.kernel_cache):
                 return (op, None)
             self._allow_and_close(efd)
             self.stats.fast_hits += 1
-            return True
-        if outcome == MEMO_EXCLUDED:
+            slot = SLOT_CACHE
+        elif outcome == MEMO_EXCLUDED:
             self._allow_and_close(efd)
             self.stats.answered(True, "excluded", None)
-            return True
-        if st.rules.rules[outcome].action == "allow":
+            slot = SLOT_EXCLUDED
+        elif st.rules.rules[outcome].action == "allow":
             st.rules.hits[outcome] += 1
             self._allow_and_close(efd)
             self.stats.answered(True, "rule", None)
-            return True
-        return (op, None)  # deny, audit, kill: the full path logs and answers them
+            slot = SLOT_RULE0 + outcome
+        else:
+            return (op, None)  # deny, audit, kill: the full path logs and answers them
+        if answers is not None and op == op_of(mask):
+            answers.add((mask, tok, t), slot, r[1] if slot == SLOT_CACHE else None,
+                        self._batch_epoch)
+            if slot == SLOT_CACHE and not self.cache.still(r[1], r[2], e):
+                answers.drop_file(r[1])  # dropped between the look-up and the add
+        return True
 
     def _allow_and_close(self, efd: int) -> None:
         """Allow and free an event fd. A response the kernel no longer wants (ENOENT: the
@@ -1142,17 +1402,25 @@ class Daemon:
         except OSError:
             pass
 
-    def _side_channels(self, st: State) -> None:
-        """What must be applied after a batch is read and before any of it is decided, at the
-        cost of one epoll_wait() when nothing happened: process events (procwatch), directory
-        moves and mount-table changes (both void remembered outcomes)."""
+    def _side_fd(self, st: State) -> int:
+        """The side channels' epoll fd for this state (set up if need be), or -1."""
         procs = self.procwatch
         memo_on = st.memo is not None
         if procs is not self._side_procs or memo_on != self._side_memo:
             self._side_setup(procs, memo_on)
-        if self._side_ep is None:
+        return self._side_ep.fileno() if self._side_ep is not None else -1
+
+    def _side_channels(self, st: State, ready: tuple[int, ...] = ()) -> None:
+        """What must be applied after a batch is read and before any of it is decided, at the
+        cost of one epoll_wait() when nothing happened: process events (procwatch), directory
+        moves and mount-table changes (both void remembered outcomes). `ready`: fds the C
+        loop's own epoll_wait reported (mountinfo reports a change to one poll only)."""
+        procs = self.procwatch
+        if self._side_fd(st) < 0:
             return
-        for fd, _ev in self._side_ep.poll(0):
+        fds = {fd for fd, _ev in self._side_ep.poll(0)}  # type: ignore[union-attr]
+        fds.update(ready)
+        for fd in fds:
             if procs is not None and fd == procs.fileno():
                 try:
                     procs.drain()  # every exec/set*id/exit before these events is now applied
@@ -1162,9 +1430,11 @@ class Daemon:
                 continue
             if self.moves is not None and fd == self.moves.fd:
                 self._moves_seen(st)
-            elif st.memo:  # mountinfo: a mount came, went or moved (each poll re-arms it)
-                st.memo.clear()
-                self.stats.memo_clears += 1
+            elif st.memo is not None:  # mountinfo: a mount came, went or moved (a poll re-arms it)
+                self._forget_outcomes(st)
+        if self._flags[FLAG_MOVES]:  # the housekeeper drained a move, may not have cleared yet
+            with self._moves_lock:
+                pass
 
     def _moves_seen(self, st: State) -> None:
         """Directory entries moved: what was decided by path may no longer hold.
@@ -1176,11 +1446,13 @@ class Daemon:
         every opener. That second call is asynchronous: an open in the moments between a
         rename and the flush is still answered by the old mark (see docs/rules.md)."""
         moves = self.moves
-        if moves is None or not moves.drain():
+        if moves is None:
             return
-        if st.memo:
-            st.memo.clear()
-            self.stats.memo_clears += 1
+        with self._moves_lock:
+            if not moves.drain():
+                return
+            if st.memo is not None:
+                self._forget_outcomes(st)
         if st.rules.needs_path and st.config.daemon.kernel_cache:
             self.group.flush_ignores()
             self.stats.ignore_flushes += 1
@@ -1221,7 +1493,10 @@ class Daemon:
 
     def _reader_main(self) -> None:
         try:
-            self._read_loop()
+            if self.hot is not None:
+                self._read_loop_hot()
+            else:
+                self._read_loop()
         finally:
             self._reader_alive = False
             if not self.stopping:
@@ -1256,7 +1531,13 @@ class Daemon:
                         except BlockingIOError:
                             pass
                     elif self.moves is not None and fd == self.moves.fd:
-                        self._moves_seen(self.state)
+                        # Flagged for the read loop: it may find the queue drained by this
+                        # thread before the memo is cleared, and then waits for the lock.
+                        self._flags[FLAG_MOVES] = 1
+                        try:
+                            self._moves_seen(self.state)
+                        finally:
+                            self._flags[FLAG_MOVES] = 0
                     else:
                         self._sync_marks()  # mount table changed
                 now = time.monotonic()
@@ -1267,7 +1548,7 @@ class Daemon:
                 if self._reload_results:
                     self._apply_reloads()
                 if now >= next_watchdog:
-                    busy = self._reader_busy_since
+                    busy = self._reader_busy()
                     if self._reader_alive and (not busy or now - busy < 2 * watchdog_s):
                         self.notifier.watchdog()
                     else:
