@@ -53,6 +53,7 @@ EVENT_BITS = {"open": fan.FAN_OPEN_PERM, "exec": fan.FAN_OPEN_EXEC_PERM, "access
 MEMO_NO_RULE = -1
 MEMO_EXCLUDED = -2
 MEMO_ENTRIES = 65536
+READ_THREADS = 2  # the read loop's leader and its follower (see _reader_main)
 # The flags array shared with vetd._hotpath's loop (its FLAG_* enum).
 FLAG_SERIAL, FLAG_MOVES, FLAG_SEEN, FLAG_BUSY_NS, FLAG_STOP, N_FLAGS = range(6)
 _UNSET = Proc.UNSET
@@ -177,6 +178,7 @@ class Stats:
         self.kernel_marks_withdrawn = 0  # the file changed between its scan and its mark
         self.uncacheable_by_rules = 0
         self.kills = 0
+        self.inline_scans = 0           # scans done by the read-loop thread that read the event
         self.overflows = 0
         self.memo_clears = 0            # remembered outcomes dropped (a move, a mount change)
         self.ignore_flushes = 0         # kernel ignore marks dropped because a path rule may care
@@ -272,6 +274,12 @@ class Daemon:
         self.marked: dict[int, mounts.Mount] = {}
         self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
         self._exec_opens: dict[int, int] = {}  # pid -> file key of its exec event (read loop only)
+        # The read loop's baton (see _reader_main): whoever holds it reads and decides; the
+        # rest of the read loop's state is its holder's alone.
+        self._baton = threading.Lock()
+        self._relay_lock = threading.Lock()
+        self._standby = 0       # read-loop threads waiting for the baton
+        self._inline: Pending | None = None  # the scan the baton holder will do itself
         ruleset = load_rules(config)
         # No pidfd per event: it cost about 2 us of the opener's time per open here (a kernel
         # allocation and a close), a third of a warm answer. The opener is blocked while its
@@ -758,7 +766,9 @@ class Daemon:
             return
         p.deadline = time.monotonic() + st.deadline_s
         p.handed_off = True
-        if not self.pool.submit(p):
+        if self._inline is None and self._standby > 0:
+            self._inline = p  # scanned by this thread once the batch is done (see _reader_main)
+        elif not self.pool.submit(p):
             p.handed_off = False
             self._answer_by_policy(p, "backlog", f"{self.pool.depth} scans queued")
             return
@@ -813,7 +823,7 @@ class Daemon:
         degraded: tuple[str, str, str] | None = None  # (kind, plugin, why) of an allowed failure
         for plugin in st.plugins:
             name = plugin.name
-            stats = self.plugin_stats.setdefault(name, PluginStats())
+            stats = self.plugin_stats.get(name) or self.plugin_stats.setdefault(name, PluginStats())
             breaker = st.breakers[name]
             now = time.monotonic()
             if not breaker.allow(now):
@@ -1045,7 +1055,7 @@ class Daemon:
             "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,
                         "in_flight": sum(1 for d in list(self._deadlines) if not d[2].answered),
                         "read_loop": "waiting" if not self._reader_busy() else "working",
-                        "workers": self.pool.workers},
+                        "workers": self.pool.workers, "inline_scans": s.inline_scans},
             "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
             "late_detections": s.late_detections,
             "process_cache": ({"entries": len(self.procwatch.procs), "forgotten": self.procwatch.forgotten,
@@ -1135,7 +1145,7 @@ class Daemon:
             self._shutdown()
         return 0
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, buf: bytearray) -> None:
         """The read loop: blocks in read() on the group fd and handles each batch.
 
         A blocking read is one wake-up per event; poll() and then read() measured about 10 us
@@ -1147,8 +1157,6 @@ class Daemon:
         goes through _event. _read_loop_hot gives the same answers with the warm ones in C.
         """
         gfd = self.group.fd
-        os.set_blocking(gfd, True)
-        buf = bytearray(fan.READ_SIZE)
         meta_size = fan.METADATA.size
         event = self._event
         while not self.stopping:
@@ -1168,8 +1176,10 @@ class Daemon:
             while off + meta_size <= n:
                 off = event(st, buf, off, n)
             self._reader_busy_since = 0.0
+            if self._inline is not None:
+                return  # a scan for this thread: _reader_main passes the baton on first
 
-    def _read_loop_hot(self) -> None:
+    def _read_loop_hot(self, buf: bytearray) -> None:
         """The read loop with vetd._hotpath: hot.run() reads batches (without the GIL) and
         answers those st.answers knows whole, in C, without coming back here. A batch with
         events it does not know, or any event that is not a permission event, comes back with
@@ -1181,8 +1191,6 @@ class Daemon:
         hot = self.hot
         assert hot is not None
         gfd = self.group.fd
-        os.set_blocking(gfd, True)
-        buf = bytearray(fan.READ_SIZE)
         meta_size = fan.METADATA.size
         flags = self._flags
         event = self._event
@@ -1235,6 +1243,8 @@ class Daemon:
                 stop, seen, _done, left = hot.answer(buf, stop, n, gfd, *tables)
                 flags[FLAG_SEEN] += seen
             self._reader_busy_since = 0.0
+            if self._inline is not None:
+                return  # a scan for this thread: _reader_main passes the baton on first
 
     def _tables(self, st: State, answers: FastAnswers, want: int) -> tuple[object, ...]:
         """What hot.run/answer look events up in, for this state."""
@@ -1492,11 +1502,35 @@ class Daemon:
         self._release(ev)  # only fds the event still owns: handled ones were set to -1
 
     def _reader_main(self) -> None:
+        """One of the read loop's threads: wait for the baton, read and decide batches, and
+        when a batch leaves a scan to do, pass the baton on and do that scan here.
+
+        The read loop's threads are leaders and followers: one holds the baton and reads; a
+        cold event it decided to scan is scanned on the thread that read it, once the rest of
+        its batch is decided and the baton has passed to a waiting thread, which reads on
+        meanwhile. Handing the scan to a worker instead cost a thread wake-up on the opener's
+        critical path (often across CPUs) and a GIL hand-over between three threads. Only
+        while a thread waits for the baton is a scan kept inline; otherwise (two scans in
+        flight, or a scan stuck in a hung plugin) it goes to the worker pool as before, and
+        deadlines and the stuck-plugin watch cover an inline scan as they cover a worker's.
+        """
+        loop = self._read_loop_hot if self.hot is not None else self._read_loop
+        buf = bytearray(fan.READ_SIZE)  # once per thread: 256 KiB per pass of the baton cost 10 us
         try:
-            if self.hot is not None:
-                self._read_loop_hot()
-            else:
-                self._read_loop()
+            while not self.stopping:
+                with self._relay_lock:
+                    self._standby += 1
+                self._baton.acquire()
+                with self._relay_lock:
+                    self._standby -= 1
+                try:
+                    loop(buf)
+                    job, self._inline = self._inline, None
+                finally:
+                    self._baton.release()
+                if job is not None:
+                    self.stats.inline_scans += 1
+                    self.pool.run_here(job)
         finally:
             self._reader_alive = False
             if not self.stopping:
@@ -1507,8 +1541,9 @@ class Daemon:
 
     def _loop(self) -> None:
         """The housekeeper: deadlines, reloads, mount changes, watchdog and status."""
-        reader = threading.Thread(target=self._reader_main, name="vetd-read", daemon=True)
-        reader.start()
+        os.set_blocking(self.group.fd, True)
+        for k in range(READ_THREADS):
+            threading.Thread(target=self._reader_main, name=f"vetd-read-{k}", daemon=True).start()
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         poller.register(self._mountinfo.fileno(), select.POLLPRI | select.POLLERR)

@@ -92,6 +92,8 @@ class Breaker:
 
     def allow(self, now: float) -> bool:
         """May this plugin be asked now? Lets exactly one probe through when the wait is over."""
+        if self.state == self.CLOSED:  # the usual answer, read without the lock (one load)
+            return True
         with self._lock:
             if self.state == self.CLOSED:
                 return True
@@ -101,6 +103,8 @@ class Breaker:
             return False
 
     def success(self) -> None:
+        if self.state == self.CLOSED and not self.failures:
+            return  # nothing to reset (each field is one atomic load; a racing failure() wins)
         with self._lock:
             self.failures = 0
             self.state = self.CLOSED

@@ -44,6 +44,8 @@ class Verdict:
 
     @classmethod
     def allow(cls, reason: str = "", *, cacheable: bool = True, ttl_s: float | None = None) -> "Verdict":
+        if not reason and cacheable and ttl_s is None and cls is Verdict:
+            return _PLAIN_ALLOW  # verdicts are immutable: the commonest answer is built once
         return cls(Decision.ALLOW, reason, "", cacheable, ttl_s)
 
     @classmethod
@@ -53,6 +55,9 @@ class Verdict:
     @property
     def denied(self) -> bool:
         return self.decision is Decision.DENY
+
+
+_PLAIN_ALLOW = Verdict(Decision.ALLOW)
 
 
 class PluginConfigError(ValueError):
