@@ -504,7 +504,11 @@ class Daemon:
         moves = self.moves
         if moves is None:
             return
-        wanted = {m.dev: m for m in self.marked.values()}
+        st = self.state
+        # Only where something reads them: without a memo and without path rules over kernel
+        # marks, a move changes no answer, and each mark is one more the kernel walks per open.
+        needed = st.memo is not None or (st.rules.needs_path and st.config.daemon.kernel_cache)
+        wanted = {m.dev: m for m in self.marked.values()} if needed else {}
         gone = self._move_marked.keys() - wanted.keys()
         if gone:
             self.move_gen += 1    # outcomes remembered for these filesystems lapse now
