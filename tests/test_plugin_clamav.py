@@ -539,3 +539,101 @@ def test_check_config_refuses_a_bad_table_and_accepts_clamd_down(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vetd", "--check-config", "--config", str(conf)],
                        capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+# --- archives: what clamd unpacks, and what expands past its limits --------------------------------
+def _zip(path: Path, members: list[tuple[str, bytes | int]]) -> None:
+    """A zip of members: bytes as they are, or an int: that many zero bytes, streamed (a member
+    of 200 MiB of zeros deflates to about 200 KiB: a small file that expands hugely)."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for name, content in members:
+            if isinstance(content, bytes):
+                z.writestr(name, content)
+                continue
+            with z.open(name, "w", force_zip64=True) as out:
+                chunk = bytes(1 << 20)
+                for _ in range(content >> 20):
+                    out.write(chunk)
+
+
+@needs_clamd
+@pytest.mark.kernel
+def test_a_signed_file_inside_an_archive_is_denied(tmpfs, vetd_factory, clamd):
+    _zip(tmpfs / "parcel.zip", [("readme.txt", b"hello\n"), ("inner/signed.txt", SIGNED)])
+    _zip(tmpfs / "fine.zip", [("readme.txt", b"hello\n")])
+    v = vetd_factory([tmpfs], plugins=clamav_table(clamd, timeout_s=10)).start()
+    assert open_as_child(tmpfs / "parcel.zip") == "EPERM"
+    assert open_as_child(tmpfs / "fine.zip") == "OK"
+    v.wait_log(SIGNED_SIG)
+
+
+def _bounded_clamd(clamd, alert: str) -> None:
+    clamd.extra_conf = f"MaxScanSize 20M\nMaxFileSize 10M\nAlertExceedsMax {alert}\n"
+    clamd.restart()
+
+
+def _open_in_time(v, path: Path, expected: str) -> None:
+    t0 = time.monotonic()
+    assert open_as_child(path) == expected
+    took = time.monotonic() - t0
+    assert took < 15, f"answered after {took:.1f}s"
+    st = v.status()
+    assert st["degraded"]["timeout"] == 0 and st["degraded"]["error"] == 0, st["degraded"]
+
+
+@needs_clamd
+@pytest.mark.kernel
+def test_an_archive_member_over_clamds_file_limit_is_skipped_and_the_rest_still_scanned(
+        tmpfs, vetd_factory, clamd):
+    """200 MiB of zeros in one member of a zip of about 200 KiB, a signed file after it: clamd
+    does not inflate the member over MaxFileSize (10 MiB here) and still finds the signature."""
+    bomb = tmpfs / "bomb.zip"
+    _zip(bomb, [("zeros.bin", 200 << 20), ("signed.txt", SIGNED)])
+    assert bomb.stat().st_size < 2 << 20
+    _bounded_clamd(clamd, "no")
+    v = vetd_factory([tmpfs], extra="[scan]\ndeadline_ms = 20000\n",
+                     plugins=clamav_table(clamd, timeout_s=15)).start()
+    _open_in_time(v, bomb, "EPERM")
+    v.wait_log(SIGNED_SIG)
+
+
+@needs_clamd
+@pytest.mark.kernel
+def test_an_archive_that_expands_past_clamds_scan_limit_is_answered_by_clamds_verdict_in_time(
+        tmpfs, vetd_factory, clamd):
+    """Five members of 8 MiB of zeros (each under MaxFileSize, 40 MiB together, past
+    MaxScanSize's 20 MiB) in a zip of a few KiB. clamd skips the members that would pass the
+    limit. Its verdict decides: clamd 1.4.6 calls such an archive clean even with
+    AlertExceedsMax (the alert is for a file over MaxFileSize itself, next test), a clamd that
+    flags it makes vetd deny it naming the limit. Either way the answer comes well within the
+    deadline, by no degraded path, and vetd goes on."""
+    bomb = tmpfs / "layers.zip"
+    _zip(bomb, [(f"zeros{i}.bin", 8 << 20) for i in range(5)])
+    assert bomb.stat().st_size < 2 << 20
+    (tmpfs / "after.txt").write_text("still answered\n")
+    _bounded_clamd(clamd, "yes")
+    v = vetd_factory([tmpfs], extra="[scan]\ndeadline_ms = 20000\n",
+                     plugins=clamav_table(clamd, timeout_s=15)).start()
+    t0 = time.monotonic()
+    answer = open_as_child(bomb)
+    assert time.monotonic() - t0 < 15
+    assert answer in ("OK", "EPERM")
+    if answer == "EPERM":
+        v.wait_log("Heuristics.Limits.Exceeded")
+    st = v.status()
+    assert st["degraded"]["timeout"] == 0 and st["degraded"]["error"] == 0, st["degraded"]
+    assert open_as_child(tmpfs / "after.txt") == "OK"
+
+
+@needs_clamd
+@pytest.mark.kernel
+def test_a_file_over_clamds_size_limit_is_denied_when_clamd_alerts_on_limits(
+        tmpfs, vetd_factory, clamd):
+    big = tmpfs / "big.bin"
+    big.write_bytes(b"A" * (30 << 20))   # over clamd's MaxFileSize (10 MiB), under vetd's max_size
+    _bounded_clamd(clamd, "yes")
+    v = vetd_factory([tmpfs], extra="[scan]\ndeadline_ms = 20000\n",
+                     plugins=clamav_table(clamd, timeout_s=15)).start()
+    _open_in_time(v, big, "EPERM")
+    v.wait_log("Heuristics.Limits.Exceeded.MaxFileSize")
