@@ -1150,50 +1150,23 @@ class Daemon:
         return 0
 
     def _read_loop(self, buf: bytearray) -> None:
-        """The read loop: blocks in read() on the group fd and handles each batch.
+        """The read loop: blocks in read() on the group fd and handles each batch, until this
+        thread has a scan to do (see _reader_main) or vetd stops.
 
         A blocking read is one wake-up per event; poll() and then read() measured about 10 us
         more per event for a sequential opener. Everything that must happen on a clock
         (deadlines, the watchdog, reloads, mount changes) is the housekeeper's, on the main
         thread; it sends WATCHDOG=1 only while this loop is waiting or working on a fresh batch.
 
-        This is the pure-Python loop (no vetd._hotpath, or VETD_HOTPATH=python): every event
-        goes through _event. _read_loop_hot gives the same answers with the warm ones in C.
-        """
-        gfd = self.group.fd
-        meta_size = fan.METADATA.size
-        event = self._event
-        while not self.stopping:
-            try:
-                n = os.readv(gfd, [buf])
-            except OSError as e:
-                if self.stopping:
-                    return
-                log.error("read loop: read: %s", e.strerror)
-                time.sleep(0.01)
-                continue
-            self._reader_busy_since = time.monotonic()
-            st = self.state
-            self._side_channels(st)
-            self._begin_batch(st)
-            off = 0
-            while off + meta_size <= n:
-                off = event(st, buf, off, n)
-            self._reader_busy_since = 0.0
-            if self._inline is not None:
-                return  # a scan for this thread: _reader_main passes the baton on first
-
-    def _read_loop_hot(self, buf: bytearray) -> None:
-        """The read loop with vetd._hotpath: hot.run() reads batches (without the GIL) and
-        answers those st.answers knows whole, in C, without coming back here. A batch with
-        events it does not know, or any event that is not a permission event, comes back with
-        those left, in order, for _event.
-
-        run() returns without answering anything when a side channel has news or the state
-        changed while it waited in read(): those are applied first, as _read_loop does, and
-        the batch is then answered from the tables as they are after them."""
+        Where the state has a FastAnswers table (vetd._hotpath is built and something can be
+        answered from it), hot.run() reads the batches instead, without the GIL, and answers
+        those the table knows whole, in C, without coming back here. A batch with events it
+        does not know, or any event that is not a permission event, comes back with those
+        left, in order, for _event. run() returns without answering anything when a side
+        channel has news or the state changed while it waited in read(): those are applied
+        first and the batch is then answered from the tables as they are after them. Without
+        a table every batch is read here and every event goes through _event."""
         hot = self.hot
-        assert hot is not None
         gfd = self.group.fd
         meta_size = fan.METADATA.size
         flags = self._flags
@@ -1211,10 +1184,11 @@ class Daemon:
                 else:
                     side = self._side_fd(st)
                     tables = self._tables(st, answers, want)
-                    n, stop, _done, left = hot.run(gfd, buf, side, flags, expected, *tables)
+                    n, stop, _done, left = hot.run(gfd, buf, side, flags, expected,  # type: ignore[union-attr]
+                                                   *tables)
                     if stop < 0:  # news: `left` is the side fds its epoll_wait reported
                         ready, left = left, None
-            except OSError as e:
+            except OSError as e:  # not EINTR (retried): say so, and do not spin on it
                 if self.stopping:
                     return
                 log.error("read loop: read: %s", e.strerror)
@@ -1228,7 +1202,7 @@ class Daemon:
                 stop = 0
                 if answers is not None:
                     tables = self._tables(st, answers, want)
-                    stop, seen, _done, left = hot.answer(buf, 0, n, gfd, *tables)
+                    stop, seen, _done, left = hot.answer(buf, 0, n, gfd, *tables)  # type: ignore[union-attr]
                     flags[FLAG_SEEN] += seen
             self._begin_batch(st)
             while True:
@@ -1244,7 +1218,7 @@ class Daemon:
                     break
                 if stop + meta_size > n:
                     break
-                stop, seen, _done, left = hot.answer(buf, stop, n, gfd, *tables)
+                stop, seen, _done, left = hot.answer(buf, stop, n, gfd, *tables)  # type: ignore[union-attr]
                 flags[FLAG_SEEN] += seen
             self._reader_busy_since = 0.0
             if self._inline is not None:
@@ -1518,7 +1492,6 @@ class Daemon:
         flight, or a scan stuck in a hung plugin) it goes to the worker pool as before, and
         deadlines and the stuck-plugin watch cover an inline scan as they cover a worker's.
         """
-        loop = self._read_loop_hot if self.hot is not None else self._read_loop
         buf = bytearray(fan.READ_SIZE)  # once per thread: 256 KiB per pass of the baton cost 10 us
         try:
             while not self.stopping:
@@ -1528,7 +1501,7 @@ class Daemon:
                 with self._relay_lock:
                     self._standby -= 1
                 try:
-                    loop(buf)
+                    self._read_loop(buf)
                     job, self._inline = self._inline, None
                 finally:
                     self._baton.release()
