@@ -1227,8 +1227,8 @@ class Daemon:
     def _tables(self, st: State, answers: FastAnswers, want: int) -> tuple[object, ...]:
         """What hot.run/answer look events up in, for this state."""
         procs = self.procwatch
-        if st.memo_token is not None and procs is not None and procs.epoch != answers.tokens_epoch:
-            answers.sync_tokens(procs.epoch)  # process events came: no token is sure now
+        if st.memo_token is not None and procs is not None:
+            answers.sync_tokens(procs.epoch)  # process events since: no token is sure
         return (answers.table, answers.tokens if st.memo_token is not None else None,
                 self._exec_opens if st.rules.rules else None, want, answers.counts)
 
