@@ -472,3 +472,69 @@ def test_the_verdict_cache_reports_what_it_drops():
     c.store(3, 30, Verdict.allow("ok"), c.generation)   # an allow drops nothing
     c.bump_generation()
     assert dropped == [1, 2, None]
+
+
+# --- ReadRelay: who reads while the reader scans --------------------------------------------------
+def _standby_returned(relay, timeout_s: float):
+    """A thread running relay.standby(timeout_s), and the list its wait (seconds) goes into."""
+    import threading
+    import time
+    out: list[float] = []
+
+    def wait() -> None:
+        t = time.monotonic()
+        relay.standby(timeout_s)
+        out.append(time.monotonic() - t)
+
+    th = threading.Thread(target=wait)
+    th.start()
+    return th, out
+
+
+def test_the_relay_wakes_a_standby_for_events_that_wait_during_a_scan():
+    import os
+    import time
+    from vetd.relay import ReadRelay
+    r, w = os.pipe()   # stands in for the group fd
+    relay = ReadRelay(r, threads=2)
+    try:
+        assert relay.take() and not relay.take()          # one holder at a time
+        assert relay.may_scan_inline()
+        relay.release()
+        th, out = _standby_returned(relay, 5.0)
+        time.sleep(0.1)
+        relay.begin_scan()                               # nothing waits yet: no wake-up
+        assert not relay.may_scan_inline()               # the other thread is the only standby
+        time.sleep(0.1)
+        assert th.is_alive()
+        os.write(w, b"e")                                # an event arrives during the scan
+        th.join(2.0)
+        assert not th.is_alive() and out[0] < 2.0
+        relay.end_scan()
+    finally:
+        relay.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_the_relay_reports_events_already_waiting_when_a_scan_begins_and_none_after_it():
+    import os
+    from vetd.relay import ReadRelay
+    r, w = os.pipe()
+    relay = ReadRelay(r, threads=2)
+    try:
+        os.write(w, b"e")                                # waiting before the scan began
+        th, out = _standby_returned(relay, 5.0)
+        relay.begin_scan()
+        th.join(2.0)
+        assert not th.is_alive() and out[0] < 2.0
+        relay.end_scan()
+        os.read(r, 1)
+        th, out = _standby_returned(relay, 0.3)
+        os.write(w, b"e")                                # no scan: the reader reads it itself
+        th.join(2.0)
+        assert out[0] >= 0.25
+    finally:
+        relay.close()
+        os.close(r)
+        os.close(w)

@@ -37,6 +37,7 @@ from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
 from .procwatch import Proc, ProcWatch
+from .relay import ReadRelay
 from .notify import Notifier
 from .degraded import Breaker, Policy
 from .rescan import Item as RescanItem, Rescanner
@@ -53,7 +54,7 @@ EVENT_BITS = {"open": fan.FAN_OPEN_PERM, "exec": fan.FAN_OPEN_EXEC_PERM, "access
 MEMO_NO_RULE = -1
 MEMO_EXCLUDED = -2
 MEMO_ENTRIES = 65536
-READ_THREADS = 2  # the read loop's leader and its follower (see _reader_main)
+READ_THREADS = 2  # the reader, and one standing by while it scans (see _reader_main)
 # The flags array shared with vetd._hotpath's loop (its FLAG_* enum).
 FLAG_SERIAL, FLAG_MOVES, FLAG_SEEN, FLAG_BUSY_NS, FLAG_STOP, N_FLAGS = range(6)
 _UNSET = Proc.UNSET
@@ -129,7 +130,7 @@ class Pending:
     """One permission event between intake and answer."""
 
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
-                 "handed_off", "current", "plugin_deadline", "delivered", "memo_base")
+                 "handed_off", "current", "plugin_deadline", "delivered", "memo_base", "watcher")
 
     def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None,
                  procs: ProcWatch | None = None, op: str | None = None):
@@ -148,6 +149,7 @@ class Pending:
         self.handed_off = False
         self.current: str | None = None     # the plugin a worker is running for this event
         self.plugin_deadline = 0.0
+        self.watcher = 0  # the thread scanning it inline, until it ends the relay's watch
 
     def close(self) -> None:
         """Close the fds and let go of the file and process facts: an answered event may sit
@@ -274,11 +276,6 @@ class Daemon:
         self.marked: dict[int, mounts.Mount] = {}
         self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
         self._exec_opens: dict[int, int] = {}  # pid -> file key of its exec event (read loop only)
-        # The read loop's baton (see _reader_main): whoever holds it reads and decides; the
-        # rest of the read loop's state is its holder's alone.
-        self._baton = threading.Lock()
-        self._relay_lock = threading.Lock()
-        self._standby = 0       # read-loop threads waiting for the baton
         self._inline: Pending | None = None  # the scan the baton holder will do itself
         ruleset = load_rules(config)
         # No pidfd per event: it cost about 2 us of the opener's time per open here (a kernel
@@ -288,6 +285,9 @@ class Daemon:
         # itself and proves it names the opener (see _kill_and_deny).
         self.group = fan.Group.open(want_audit=True, want_pidfd=False)
         self._gfd = self.group.fd
+        # Whoever holds the relay's baton reads and decides (see _reader_main); the rest of
+        # the read loop's state is its holder's alone.
+        self._relay = ReadRelay(self.group.fd, READ_THREADS)
         log.info("fanotify %s", self.group.features.describe())
         for note in self.group.features.notes:
             log.warning("%s", note)
@@ -539,6 +539,11 @@ class Daemon:
             if p.answered:
                 return False
             p.answered = True
+        if p.watcher and p.watcher == threading.get_ident():
+            # The inline scan is over (its plugins returned): stop watching before the answer
+            # wakes the opener, whose next event is then read by this thread, not a standby.
+            p.watcher = 0
+            self._relay.end_scan()
         if allow:
             response = fan.FAN_ALLOW
         elif rule is not None:
@@ -770,7 +775,7 @@ class Daemon:
             return
         p.deadline = time.monotonic() + st.deadline_s
         p.handed_off = True
-        if self._inline is None and self._standby > 0:
+        if self._inline is None and self._relay.may_scan_inline():
             self._inline = p  # scanned by this thread once the batch is done (see _reader_main)
         elif not self.pool.submit(p):
             p.handed_off = False
@@ -1480,34 +1485,40 @@ class Daemon:
         self._release(ev)  # only fds the event still owns: handled ones were set to -1
 
     def _reader_main(self) -> None:
-        """One of the read loop's threads: wait for the baton, read and decide batches, and
-        when a batch leaves a scan to do, pass the baton on and do that scan here.
+        """One of the read loop's threads: read and decide batches while it holds the baton;
+        when a batch leaves a scan to do, put the baton down and do the scan here; stand by
+        while another thread reads (vetd.relay says when to take over).
 
-        The read loop's threads are leaders and followers: one holds the baton and reads; a
-        cold event it decided to scan is scanned on the thread that read it, once the rest of
-        its batch is decided and the baton has passed to a waiting thread, which reads on
-        meanwhile. Handing the scan to a worker instead cost a thread wake-up on the opener's
-        critical path (often across CPUs) and a GIL hand-over between three threads. Only
-        while a thread waits for the baton is a scan kept inline; otherwise (two scans in
-        flight, or a scan stuck in a hung plugin) it goes to the worker pool as before, and
-        deadlines and the stuck-plugin watch cover an inline scan as they cover a worker's.
+        A cold event is scanned on the thread that read it, without waking anyone: handing the
+        scan to a worker, or the reading to another thread, each put a thread wake-up on the
+        opener's critical path. While the scan runs a standby thread takes over the reading
+        as soon as events wait. Only while a thread stands by is a scan kept inline;
+        otherwise (two scans running, or one stuck in a hung plugin) it goes to the worker
+        pool as before. Deadlines and the stuck-plugin watch cover an inline scan as they
+        cover a worker's (ScanPool.run_here).
         """
-        buf = bytearray(fan.READ_SIZE)  # once per thread: 256 KiB per pass of the baton cost 10 us
+        relay = self._relay
+        buf = bytearray(fan.READ_SIZE)  # once per thread: 256 KiB per batch cost a memset and faults
         try:
             while not self.stopping:
-                with self._relay_lock:
-                    self._standby += 1
-                self._baton.acquire()
-                with self._relay_lock:
-                    self._standby -= 1
+                if not relay.take():
+                    relay.standby()
+                    continue
                 try:
                     self._read_loop(buf)
                     job, self._inline = self._inline, None
                 finally:
-                    self._baton.release()
+                    relay.release()
                 if job is not None:
                     self.stats.inline_scans += 1
-                    self.pool.run_here(job)
+                    relay.begin_scan()
+                    job.watcher = threading.get_ident()
+                    try:
+                        self.pool.run_here(job)
+                    finally:
+                        if job.watcher:  # not answered here (a timeout did, or an error)
+                            job.watcher = 0
+                            relay.end_scan()
         finally:
             self._reader_alive = False
             if not self.stopping:
