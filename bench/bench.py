@@ -672,7 +672,7 @@ class Vetd:
         if self.p.poll() is None:
             st = self.status() or {}
             final["status"] = {k: st.get(k) for k in ("answers", "cache", "degraded", "backlog", "plugins",
-                                                      "rules", "error") if k in st}
+                                                      "rules", "hot_path", "error") if k in st}
         self._drain(0)
         if self.p.poll() is None:
             self.p.terminate()
@@ -1370,9 +1370,13 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
             deg = {k: n for k, n in (st.get("degraded") or {}).items() if n}
             plug = ", ".join(f"{p['name']} {p['scans']} scans/{p['denies']} denies"
                              for p in st.get("plugins") or [])
+            hp = st.get("hot_path") or {}
+            inline = (st.get("backlog") or {}).get("inline_scans")
             print(f"  vetd status: answers {a.get('by_reason')}, cache entries {c.get('entries')} "
                   f"hits {c.get('hits')} misses {c.get('misses')}, kernel_marks {c.get('kernel_marks')}, "
-                  f"degraded {deg or 'none'}; {plug}")
+                  f"degraded {deg or 'none'}; {plug}; compiled read loop "
+                  f"{'yes' if hp.get('compiled') else 'NO (pure Python)'}, {hp.get('answered', 0)} "
+                  f"answered in C; {inline} inline scans")
         elif st.get("error"):
             print(f"  vetd status: {st['error']}")
     if base and res.get("reference_listener"):

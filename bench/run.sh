@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the vetd benchmark: bash bench/run.sh [--files N --passes N ...]   (as root)
 # Compiles bench/opener.c and bench/reference_listener.c into bench/build/, then runs
-# bench/bench.py with the given flags. Installs gcc only if it is missing.
+# bench/bench.py with the given flags. Installs gcc only if it is missing, and vetd (pip
+# install -e, which builds its compiled read loop) only if it cannot be imported with it.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,6 +17,19 @@ fi
 if ! command -v gcc >/dev/null 2>&1 || [ ! -e /usr/include/linux/fanotify.h ]; then
     echo "bench: installing gcc and headers" >&2
     apt-get install -y gcc libc6-dev linux-libc-dev >&2
+fi
+
+# vetd itself: its Python dependencies and the compiled read loop (vetd/_hotpath.c, built in
+# place by an editable install). Without them the vetd scenarios would not run, or would run
+# the pure-Python loop and measure that instead.
+REPO="$(cd "$HERE/.." && pwd)"
+so=$(ls "$REPO"/vetd/_hotpath*.so 2>/dev/null | head -n 1 || true)
+if ! (cd "$REPO" && python3 -c 'import yara, xxhash, sdnotify, vetd._hotpath') >/dev/null 2>&1 ||
+    [ -z "$so" ] || [ "$REPO/vetd/_hotpath.c" -nt "$so" ]; then
+    echo "bench: installing vetd and its dependencies (pip install -e, builds vetd._hotpath)" >&2
+    python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+        apt-get install -y python3-dev >&2
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e "$REPO" >&2
 fi
 
 mkdir -p "$BUILD"
