@@ -88,6 +88,13 @@ def test_a_worker_stuck_in_a_hung_plugin_is_replaced(tmpfs, vetd_factory, plugin
     st = v.status()
     assert st["answers"]["by_reason"].get("scan") == 1, "the second open was not scanned"
     assert st["backlog"]["workers"] == 2
+    # The hung scan ran on the read-loop thread that read it; the other read thread took over
+    # the reading (vetd/relay.py), and with that one then the only reader, the second scan
+    # went to the pool.
+    assert st["backlog"]["inline_scans"] == 1
+    assert st["backlog"]["read_takeovers"] >= 1   # woken by the waiting event, not a timeout
+    out, took = timed_open(tmpfs / "fine")   # and reading still goes on
+    assert out == "OK" and took < 5
 
 
 def test_a_file_let_through_by_policy_is_scanned_after_the_fact(tmpfs, vetd_factory, plugin_site):

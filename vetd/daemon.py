@@ -181,6 +181,7 @@ class Stats:
         self.uncacheable_by_rules = 0
         self.kills = 0
         self.inline_scans = 0           # scans done by the read-loop thread that read the event
+        self.read_takeovers = 0         # the standby read thread took over from a scanning one
         self.overflows = 0
         self.memo_clears = 0            # remembered outcomes dropped (a move, a mount change)
         self.ignore_flushes = 0         # kernel ignore marks dropped because a path rule may care
@@ -1064,7 +1065,8 @@ class Daemon:
             "backlog": {"depth": self.pool.depth, "limit": self.pool.backlog,
                         "in_flight": sum(1 for d in list(self._deadlines) if not d[2].answered),
                         "read_loop": "waiting" if not self._reader_busy() else "working",
-                        "workers": self.pool.workers, "inline_scans": s.inline_scans},
+                        "workers": self.pool.workers, "inline_scans": s.inline_scans,
+                        "read_takeovers": s.read_takeovers},
             "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
             "late_detections": s.late_detections,
             "process_cache": ({"entries": len(self.procwatch.procs), "forgotten": self.procwatch.forgotten,
@@ -1499,11 +1501,15 @@ class Daemon:
         """
         relay = self._relay
         buf = bytearray(fan.READ_SIZE)  # once per thread: 256 KiB per batch cost a memset and faults
+        woken = False
         try:
             while not self.stopping:
                 if not relay.take():
-                    relay.standby()
+                    woken = relay.standby()
                     continue
+                if woken:  # events waited while another thread scanned: this one reads them
+                    self.stats.read_takeovers += 1
+                    woken = False
                 try:
                     self._read_loop(buf)
                     job, self._inline = self._inline, None

@@ -44,10 +44,11 @@ class ReadRelay:
         scans (not itself scanning)."""
         return self._threads - 1 - self._scanning >= 1
 
-    def standby(self, timeout_s: float = 1.0) -> None:
-        """Wait until events wait while a scan runs (or `timeout_s`): then try take() again.
-        The timeout bounds how long vetd takes to notice it is stopping."""
-        self._watch.poll(timeout_s)
+    def standby(self, timeout_s: float = 1.0) -> bool:
+        """Wait until events wait while a scan runs (True) or `timeout_s` passes (False); then
+        try take() again. The timeout bounds how long vetd takes to notice it is stopping, and
+        how long a missed wake-up could stall the reading (none is known)."""
+        return bool(self._watch.poll(timeout_s))
 
     def begin_scan(self) -> None:
         """Called after release(), before an inline scan: from now, waiting events wake a
