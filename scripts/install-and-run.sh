@@ -9,7 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then echo "install-and-run: run as root (vetd holds fan
 # vetd still runs, on its pure-Python loop (slower warm answers; vetctl status says which).
 if ! command -v gcc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     if command -v apt-get >/dev/null 2>&1; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >&2 ||
+        { apt-get update -qq >&2 &&
+          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >&2; } ||
             echo "install-and-run: could not install gcc/python3-dev: vetd runs its pure-Python loop" >&2
     fi
 fi
