@@ -156,18 +156,14 @@ class VerdictCache:
             if e is not None and e.kernel:
                 lru.replace_if_present(key, e._replace(kernel=False))
 
-    def is_clean(self, key: FileKey, version: FileVersion) -> bool:
-        """The read loop's fast path: True only for a cached, current, unexpiring allow.
-        Anything else (a miss, a deny, a ttl) goes the full way through entry(), which counts
-        it; so this counts only its hits."""
-        return self.clean_entry(key, version) is not None
-
     def still(self, key: FileKey, version: FileVersion, entry: Entry) -> bool:
         """Whether `entry` is still the current one for this version (not counted)."""
         return self._current(key, version) is entry
 
     def clean_entry(self, key: FileKey, version: FileVersion) -> Entry | None:
-        """is_clean, returning the entry (the fast path asks whether it may go to the kernel)."""
+        """The read loop's fast path: the entry only for a cached, current, unexpiring allow.
+        Anything else (a miss, a deny, a ttl) goes the full way through entry(), which counts
+        it; so this counts only its hits."""
         e = self._current(key, version)
         if e is None or e.expires is not None or e.verdict.denied:
             return None

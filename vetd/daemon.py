@@ -99,7 +99,7 @@ class State:
     loaded_at: float = field(default_factory=time.time)
     # Remembered exclusion and rule outcomes, keyed on (mask, op, opener facts, statx of the
     # file); None when this state's decisions cannot be remembered safely (see _with_memo).
-    memo: dict[tuple[object, ...], tuple[int, int, int, int]] | None = None
+    memo: dict[tuple[object, ...], tuple[int, int, int]] | None = None
     memo_token: Callable[[object], tuple[object, ...]] | None = None
     # The allows vetd._hotpath may give by itself (None: no compiled loop, or nothing to give)
     answers: FastAnswers | None = None
@@ -305,7 +305,6 @@ class Daemon:
                         "are worked out on every open", e.strerror)
         self.move_devs: frozenset[int] = frozenset()  # st_dev of filesystems whose moves we see
         self._move_marked: dict[int, mounts.Mount] = {}
-        self.move_gen = 0  # bumped when that set changes: remembered outcomes from before lapse
         # The compiled read loop (vetd._hotpath), unless it is not built or VETD_HOTPATH=python
         # asks for the pure-Python one (the reference behaviour; the tests run both).
         self.hot = hotpath if os.environ.get("VETD_HOTPATH", "c") != "python" else None
@@ -416,10 +415,8 @@ class Daemon:
             old.answers.clear()
             self._retire_answers(old.answers)
 
-    def _retire_answers(self, answers: FastAnswers | None) -> None:
+    def _retire_answers(self, answers: FastAnswers) -> None:
         """Fold a replaced table's last counts in and stop tracking it."""
-        if answers is None:
-            return
         self._fold_answers()
         with self._answers_lock:
             self._answer_sets = [a for a in self._answer_sets if a[0] is not answers]
@@ -512,9 +509,8 @@ class Daemon:
         wanted = {m.dev: m for m in self.marked.values()} if needed else {}
         gone = self._move_marked.keys() - wanted.keys()
         if gone:
-            self.move_gen += 1    # outcomes remembered for these filesystems lapse now
-            if self.state.answers is not None:
-                self.state.answers.clear()
+            with self._moves_lock:  # outcomes remembered for these filesystems lapse now
+                self._forget_outcomes(self.state)
             self.move_devs = frozenset(self._move_marked.keys() - gone)
             for dev in gone:
                 moves.unmark(self._move_marked.pop(dev).mount_point)
@@ -725,18 +721,13 @@ class Daemon:
                 return
             if len(memo) >= MEMO_ENTRIES:  # a plain dict: a lookup is one C call, an LRU's is not
                 memo.clear()
-            memo[(base[0], base[1], tok, t)] = (outcome, key, version, self.move_gen)
+            memo[(base[0], base[1], tok, t)] = (outcome, key, version)
         answers = p.state.answers
         if answers is not None and base[1] == op_of(base[0]):  # not an exec-paired op
             if outcome == MEMO_EXCLUDED:
                 answers.add((base[0], tok, t), SLOT_EXCLUDED, None, self._batch_epoch)
-            elif outcome >= 0 and self._plain_allow(p.state, outcome):
+            elif outcome >= 0 and p.state.rules.rules[outcome].action == "allow":
                 answers.add((base[0], tok, t), SLOT_RULE0 + outcome, None, self._batch_epoch)
-
-    @staticmethod
-    def _plain_allow(st: State, position: int) -> bool:
-        """Whether rule `position` allows with nothing to log or count beyond its hits."""
-        return st.rules.rules[position].action == "allow"
 
     def _decide(self, p: Pending, paired: bool = False) -> None:
         failpoints.hit("decide")
@@ -1274,8 +1265,7 @@ class Daemon:
                     stats.permission += 1
                 if efd >= 0 and pidfd < 0 and pid not in self.own_pids:
                     if st.fast:
-                        if (self._fast_clean_t(st, efd, mask, sx) if sx is not None  # type: ignore[arg-type]
-                                else self._fast_clean(st, efd)):
+                        if self._fast_clean(st, efd, mask, sx):  # type: ignore[arg-type]
                             return off + ln
                     elif st.memo is not None:
                         done = self._fast_memo(st, efd, mask, pid, sx)  # type: ignore[arg-type]
@@ -1291,41 +1281,42 @@ class Daemon:
             self._last_resort(ev if ev is not None else fan.Event(mask, efd, pid, pidfd))
         return off + ln
 
-    def _fast_clean(self, st: State, efd: int) -> bool:
+    def _fast_clean(self, st: State, efd: int, mask: int, t: tuple[int, ...] | None = None) -> bool:
         """A clean cache hit when nothing excludes and there are no rules: answered and closed
-        here (True), else nothing done (False). Raises only before the answer."""
-        try:
-            pre = os.fstat(efd)
-        except OSError:
-            return False
-        if not S_ISREG(pre.st_mode) or not self.cache.is_clean(file_key(pre), file_version(pre)):
-            return False
-        if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
-            self._ignore_unchanged(efd, st.perm_mask, pre)
-        self._allow_and_close(efd)
-        self.stats.fast_hits += 1
-        return True
-
-    def _fast_clean_t(self, st: State, efd: int, mask: int, t: tuple[int, ...]) -> bool:
-        """_fast_clean for the compiled loop's leftovers, from the statx it already made; a
-        clean hit that needs no kernel mark becomes a table answer for next time."""
-        if not S_ISREG(t[MODE]):
-            return False
-        key, version = key_and_version(t)
+        here (True), else nothing done (False). Raises only before the answer. `t`: the
+        compiled loop's statx of the fd, if it made one; the hit then also becomes a table
+        answer for next time (the state has a table only where no kernel mark is wanted)."""
+        if t is None:
+            try:
+                pre: os.stat_result | None = os.fstat(efd)
+            except OSError:
+                return False
+            if not S_ISREG(pre.st_mode):
+                return False
+            key, version = file_key(pre), file_version(pre)
+        else:
+            if not S_ISREG(t[MODE]):
+                return False
+            pre = None
+            key, version = key_and_version(t)
         e = self.cache.clean_entry(key, version)
         if e is None:
             return False
-        kernel = st.config.daemon.kernel_cache
-        if kernel:  # the kernel had evicted its mark
-            self._ignore_unchanged(efd, st.perm_mask, os.fstat(efd))
+        if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
+            self._ignore_unchanged(efd, st.perm_mask, pre if pre is not None else os.fstat(efd))
         self._allow_and_close(efd)
         self.stats.fast_hits += 1
-        answers = st.answers
-        if answers is not None and not kernel:
-            answers.add((mask, (), t), SLOT_CACHE, key, self._batch_epoch)
-            if not self.cache.still(key, version, e):  # dropped meanwhile: drop it too
-                answers.drop_file(key)
+        if t is not None and st.answers is not None:
+            self._add_clean_answer(st.answers, (mask, (), t), key, version, e)
         return True
+
+    def _add_clean_answer(self, answers: FastAnswers, table_key: tuple[object, ...], key: int,
+                          version: int, entry: object) -> None:
+        """Record a clean cache hit as a table answer, standing on `entry`: if the cache
+        dropped it between the look-up and the add, the drop came first, so undo the add."""
+        answers.add(table_key, SLOT_CACHE, key, self._batch_epoch)
+        if not self.cache.still(key, version, entry):  # type: ignore[arg-type]
+            answers.drop_file(key)
 
     def _fast_memo(self, st: State, efd: int, mask: int, pid: int,
                    t: tuple[int, ...] | None = None) -> bool | tuple[str | None, tuple[object, ...] | None]:
@@ -1355,7 +1346,7 @@ class Daemon:
         else:
             tok = ()
         r = st.memo.get((mask, op, tok, t))  # type: ignore[union-attr]
-        if r is None or r[3] != self.move_gen:
+        if r is None:
             return (op, (mask, op, t))
         outcome = r[0]
         slot = -1
@@ -1378,10 +1369,10 @@ class Daemon:
         else:
             return (op, None)  # deny, audit, kill: the full path logs and answers them
         if answers is not None and op == op_of(mask):
-            answers.add((mask, tok, t), slot, r[1] if slot == SLOT_CACHE else None,
-                        self._batch_epoch)
-            if slot == SLOT_CACHE and not self.cache.still(r[1], r[2], e):
-                answers.drop_file(r[1])  # dropped between the look-up and the add
+            if slot == SLOT_CACHE:
+                self._add_clean_answer(answers, (mask, tok, t), r[1], r[2], e)
+            else:
+                answers.add((mask, tok, t), slot, None, self._batch_epoch)
         return True
 
     def _allow_and_close(self, efd: int) -> None:
