@@ -1377,6 +1377,10 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
                   f"degraded {deg or 'none'}; {plug}; compiled read loop "
                   f"{'yes' if hp.get('compiled') else 'NO (pure Python)'}, {hp.get('answered', 0)} "
                   f"answered in C; {inline} inline scans")
+            bp = hp.get("busy_poll")
+            if bp:
+                print(f"  busy polling (max {bp.get('max_us')} us): {bp.get('caught')} batches caught "
+                      f"while polling, {bp.get('spent_s')} s spent polling")
         elif st.get("error"):
             print(f"  vetd status: {st['error']}")
     if base and res.get("reference_listener"):

@@ -57,6 +57,7 @@ def test_double_star_matches_any_depth(parts):
 def test_defaults_parse():
     c = cfg.parse("")
     assert c.daemon.watch == ("/",) and c.scan.on_timeout == "allow" and "proc" in c.exclude.fs_types
+    assert c.daemon.busy_poll_us == 100
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -71,6 +72,8 @@ def test_defaults_parse():
     ("[nosuch]\n", "unknown section"),
     ("[daemon\n", "not valid TOML"),
     ("[scan]\nmax_size = '12 parsecs'", "[scan] max_size"),
+    ("[daemon]\nbusy_poll_us = 5000", "[daemon] busy_poll_us: must be at least 0 and at most 1000"),
+    ("[daemon]\nbusy_poll_us = -1", "[daemon] busy_poll_us: must be at least 0"),
 ])
 def test_bad_config_names_file_key_and_reason(text, needle):
     with pytest.raises(cfg.ConfigError) as e:

@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import struct
+import threading
 from array import array
 from pathlib import Path
 
@@ -27,7 +28,8 @@ else:
 
 META = struct.Struct("=IBBHQii")
 RESPONSE = struct.Struct("=iI")
-FLAGS = 5  # FLAG_SERIAL, FLAG_MOVES, FLAG_SEEN, FLAG_BUSY_NS, FLAG_STOP
+# the flags array's slots (vetd.daemon's FLAG_*, the C enum)
+SERIAL, MOVES, SEEN, BUSY_NS, STOP, POLL_MAX_NS, POLL_NS, POLL_CAUGHT, POLL_SPENT_NS, FLAGS = range(10)
 
 
 def record(mask: int, fd: int, pid: int = 4242, *, extra: bytes = b"", vers: int = 3) -> bytes:
@@ -236,7 +238,7 @@ def test_run_answers_whole_batches_in_c_and_returns_the_first_it_cannot(files, c
     (n, stop, done, left), flags = run(ours.fileno(), table)
     assert (n, stop, done) == (META.size, META.size, 0)
     assert left == [(0, hot.statx(unknown, WANT))]
-    assert flags[2] == 2 and flags[3] > 0      # both counted; the batch's read time kept
+    assert flags[SEEN] == 2 and flags[BUSY_NS] > 0  # both counted; the batch's read time kept
     assert RESPONSE.unpack(theirs.recv(64)) == (known, fan.FAN_ALLOW)
 
 
@@ -259,7 +261,7 @@ def test_run_hands_back_side_channel_news_before_answering(files, channel):
         os.close(pw)
 
 
-@pytest.mark.parametrize("slot", [0, 1, 4])  # the serial moved on; a move is pending; stop
+@pytest.mark.parametrize("slot", [SERIAL, MOVES, STOP])
 def test_run_returns_when_the_state_changed_a_move_is_pending_or_vetd_stops(files, channel, slot):
     ours, theirs = channel
     fd = files()
@@ -270,3 +272,90 @@ def test_run_returns_when_the_state_changed_a_move_is_pending_or_vetd_stops(file
     (n, stop, done, ready), _ = run(ours.fileno(), table, flags=flags, expected=0)
     assert (stop, done, ready) == (-1, 0, ())
     assert is_open(fd)
+
+
+# --- busy polling: read_batch's adaptive window, through run() ---------------------------------
+# Each case is decided by where the batch is when run() starts waiting, not by how fast this
+# machine is: already there (a zero-length wait), or 50 ms away (far past any window here).
+MAX = 100_000  # ns
+
+
+def poll_once(channel, files, *, window: int, max_ns: int = MAX, delay_s: float = 0.0):
+    """One run() over a batch that is not in the table, sent now or after delay_s."""
+    ours, theirs = channel
+    flags = array("q", [0] * FLAGS)
+    flags[POLL_MAX_NS], flags[POLL_NS] = max_ns, window
+    fd = files()
+    if delay_s:
+        timer = threading.Timer(delay_s, theirs.send, (record(fan.FAN_OPEN_PERM, fd),))
+        timer.start()
+    else:
+        theirs.send(record(fan.FAN_OPEN_PERM, fd))
+    (n, stop, done, left), _ = run(ours.fileno(), {}, flags=flags)
+    assert (n, done, len(left)) == (META.size, 0, 1)  # polling changes when, never what
+    return flags
+
+
+def test_a_batch_waiting_already_is_caught_by_the_poll_and_the_window_kept(channel, files):
+    flags = poll_once(channel, files, window=MAX // 4)
+    assert (flags[POLL_CAUGHT], flags[POLL_NS]) == (1, MAX // 4)
+
+
+def test_a_short_wait_without_polling_opens_the_window_at_a_quarter_of_the_maximum(channel, files):
+    flags = poll_once(channel, files, window=0)
+    assert (flags[POLL_CAUGHT], flags[POLL_SPENT_NS], flags[POLL_NS]) == (0, 0, MAX // 4)
+
+
+def test_a_wait_that_outlasts_the_window_but_not_the_maximum_doubles_the_window(channel, files):
+    """A 1 us window runs out long before the batch sent 20 ms later; with a 1 s maximum that
+    wait still counts as short, so the window grows (and is never more than the maximum)."""
+    flags = poll_once(channel, files, window=1_000, max_ns=1_000_000_000, delay_s=0.02)
+    assert (flags[POLL_CAUGHT], flags[POLL_NS]) == (0, 2_000)
+    flags = poll_once(channel, files, window=700_000_000, max_ns=1_000_000_000, delay_s=0.0)
+    assert flags[POLL_NS] == 700_000_000  # caught at once: kept
+
+
+def test_a_long_wait_halves_the_window_and_a_small_one_closes(channel, files):
+    flags = poll_once(channel, files, window=MAX // 2, delay_s=0.05)
+    assert (flags[POLL_CAUGHT], flags[POLL_NS]) == (0, MAX // 4)
+    assert flags[POLL_SPENT_NS] >= MAX // 2  # it polled the whole window before it slept
+    flags = poll_once(channel, files, window=MAX // 10, delay_s=0.05)
+    assert flags[POLL_NS] == 0  # under max/16 after halving: no polling until waits shorten
+
+
+def test_a_window_over_a_lowered_maximum_is_cut_to_it(channel, files):
+    flags = poll_once(channel, files, window=10 * MAX, max_ns=MAX)
+    assert flags[POLL_NS] == MAX
+
+
+def test_busy_polling_off_touches_nothing(channel, files):
+    flags = poll_once(channel, files, window=MAX, max_ns=0, delay_s=0.01)
+    assert (flags[POLL_NS], flags[POLL_CAUGHT], flags[POLL_SPENT_NS]) == (MAX, 0, 0)
+
+
+# --- allow_marked: a clean file's answer with its kernel mark ------------------------------------
+# The mark itself needs a real fanotify group (tests/test_kernel_daemon.py); here the "group" is
+# a pipe, on which fanotify_mark fails, so only the answer and the fd's fate are seen.
+def test_allow_marked_answers_and_closes_even_when_no_mark_can_be_placed(files, answers_pipe):
+    r, w = answers_pipe
+    fd = files()
+    st = os.fstat(fd)
+    assert hot.allow_marked(w, fd, fan.FAN_OPEN_PERM, st.st_mtime_ns, st.st_ctime_ns, st.st_size,
+                            True) == (True, -1)
+    assert responses(r) == [(fd, fan.FAN_ALLOW)]
+    assert not is_open(fd)
+    kept = files()
+    hot.allow_marked(w, kept, fan.FAN_OPEN_PERM, 0, 0, 0, False)
+    assert responses(r) == [(kept, fan.FAN_ALLOW)] and is_open(kept)
+
+
+def test_allow_marked_raises_and_keeps_the_fd_when_the_answer_is_refused(files):
+    fd = files()
+    r, w = os.pipe()
+    os.close(r)  # EPIPE
+    try:
+        with pytest.raises(OSError):
+            hot.allow_marked(w, fd, fan.FAN_OPEN_PERM, 0, 0, 0, True)
+    finally:
+        os.close(w)
+    assert is_open(fd)  # the caller's last resort answers it

@@ -390,6 +390,28 @@ def test_sighup_reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one(tmpf
     assert v.proc.poll() is None
 
 
+def test_busy_polling_changes_when_the_loop_waits_never_what_it_answers(tmpfs, vetd_factory):
+    """busy_poll_us = 0 never polls; a reload turns polling on; the answers are the same."""
+    (tmpfs / "e.com").write_bytes(EICAR)
+    for i in range(4):
+        (tmpfs / f"f{i}").write_text(f"clean {i}\n")
+    v = vetd_factory([tmpfs], extra="busy_poll_us = 0").start()
+    assert [open_as_child(tmpfs / f"f{i}") for i in range(2)] == ["OK", "OK"]
+    assert open_as_child(tmpfs / "e.com") == "EPERM"
+    st = v.status()["hot_path"]
+    if os.environ.get("CI") == "true":
+        assert st["compiled"], "the compiled read loop must be built under CI"
+    assert st["busy_poll"] == {"max_us": 0, "window_us": 0.0, "caught": 0, "spent_s": 0.0}
+    n = len(v.messages)
+    v.config.write_text(v.config.read_text().replace("busy_poll_us = 0", "busy_poll_us = 1000"))
+    v.signal(signal.SIGHUP)
+    v.wait_message("READY=1", after=n)
+    assert [open_as_child(tmpfs / f"f{i}") for i in range(2, 4)] == ["OK", "OK"]
+    assert open_as_child(tmpfs / "e.com") == "EPERM"
+    bp = v.status()["hot_path"]["busy_poll"]
+    assert bp["max_us"] == (1000 if st["compiled"] else 0) and 0 <= bp["window_us"] <= 1000
+
+
 def test_notify_protocol_ready_status_watchdog_stopping(tmpfs, vetd_factory):
     v = vetd_factory([tmpfs], env={"WATCHDOG_USEC": "200000"}).start()
     v.wait_message("WATCHDOG=1")
@@ -446,14 +468,17 @@ def test_sigterm_with_an_event_held_answers_it_and_exits_cleanly(tmpfs, vetd_fac
     assert open_as_child(tmpfs / "f") == "OK"   # nothing is marked any more
 
 
-def test_a_write_during_the_scan_keeps_the_file_out_of_the_kernel_cache(tmpfs, vetd_factory, plugin_site):
+@pytest.mark.parametrize("hot_path", ["c", "python"])  # vetd._hotpath.allow_marked, or Python's
+def test_a_write_during_the_scan_keeps_the_file_out_of_the_kernel_cache(tmpfs, vetd_factory, plugin_site,
+                                                                        hot_path):
     """The scan read clean content; someone wrote bad content before the verdict came back. The
     clean verdict must not become a kernel ignore mark, or the bad content would never be seen."""
     f = tmpfs / "f"
     f.write_text("clean\n")
     slow = os.path.basename(sys.executable)[:15]
     v = vetd_factory([tmpfs], pythonpath=plugin_site, extra="[scan]\nworkers = 2",
-                     plugins=f'[plugins.lagging]\nslow_comm = "{slow}"\nseconds = 1.0\n').start()
+                     plugins=f'[plugins.lagging]\nslow_comm = "{slow}"\nseconds = 1.0\n',
+                     env={"VETD_HOTPATH": hot_path}).start()
     reader = subprocess.Popen([sys.executable, "-c", OPEN_ONE, str(f)], stdout=subprocess.PIPE)
     wait_for(lambda: v.status()["backlog"]["in_flight"] == 1, what="the slow scan")
     subprocess.run(["sh", "-c", f"printf BAD > {f}"], check=True, timeout=10)  # scanned quickly

@@ -47,6 +47,7 @@ class DaemonConfig:
     deny_errno: str = "EPERM"
     log_level: str = "info"
     status_interval_s: float = 5.0
+    busy_poll_us: int = 100
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ def parse(text: str, file: str = "<config>") -> Config:
         deny_errno=deny_errno,
         log_level=d.string("log_level", dd.log_level, choices=LOG_LEVELS),
         status_interval_s=d.number("status_interval_s", dd.status_interval_s, minimum=0.5),
+        busy_poll_us=d.integer("busy_poll_us", dd.busy_poll_us, minimum=0, maximum=1000),
     )
     if not daemon.socket.startswith("/"):
         raise ConfigError(f"{d.where('socket')}: {daemon.socket!r} is not an absolute path")

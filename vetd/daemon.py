@@ -28,7 +28,7 @@ from typing import Any
 
 from . import __version__, failpoints, fanotify as fan, mounts, plugins as plugin_loader, rules as rules_mod
 from .cache import VerdictCache, file_key, file_version
-from .fileid import NLINK, MODE, Statx, key_and_version
+from .fileid import CTIME_NS, CTIME_S, MODE, MTIME_NS, MTIME_S, NLINK, SIZE, Statx, key_and_version
 from .config import Config, load as load_config
 from .control import ControlServer
 from .exclusions import Exclusions
@@ -56,7 +56,10 @@ MEMO_EXCLUDED = -2
 MEMO_ENTRIES = 65536
 READ_THREADS = 2  # the reader, and one standing by while it scans (see _reader_main)
 # The flags array shared with vetd._hotpath's loop (its FLAG_* enum).
-FLAG_SERIAL, FLAG_MOVES, FLAG_SEEN, FLAG_BUSY_NS, FLAG_STOP, N_FLAGS = range(6)
+(FLAG_SERIAL, FLAG_MOVES, FLAG_SEEN, FLAG_BUSY_NS, FLAG_STOP, FLAG_POLL_MAX_NS, FLAG_POLL_NS,
+ FLAG_POLL_CAUGHT, FLAG_POLL_SPENT_NS, N_FLAGS) = range(10)
+_NO_TABLE: dict[tuple[object, ...], int] = {}  # what hot.run looks events up in without a table
+_NO_COUNTS = array("q")
 _UNSET = Proc.UNSET
 _pack_response = fan.RESPONSE.pack
 
@@ -310,7 +313,7 @@ class Daemon:
         self.hot = hotpath if os.environ.get("VETD_HOTPATH", "c") != "python" else None
         # Shared with the C loop (vetd._hotpath, FLAG_* there): the state serial, bumped at
         # every swap; set while the housekeeper is between draining a move and clearing what
-        # it voids; permission events C took; when its batch was read; stop.
+        # it voids; permission events C took; when its batch was read; stop; busy polling.
         self._flags = array("q", [0] * N_FLAGS)
         self._answer_sets: list[tuple[FastAnswers, list[int]]] = []  # live tables, their rule hits
         self._answers_lock = threading.Lock()
@@ -408,6 +411,7 @@ class Daemon:
             if answers is not None:
                 self._answer_sets.append((answers, st.rules.hits))
         self.state = st
+        self._flags[FLAG_POLL_MAX_NS] = st.config.daemon.busy_poll_us * 1000
         self._flags[FLAG_SERIAL] += 1
         if old is not None and old.answers is not None and old.answers is not answers:
             # Cleared, nothing more can be answered from it (the C loop looks entries up holding
@@ -529,9 +533,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ answers -----------------
     def _answer(self, p: Pending, allow: bool, reason: str, degraded: str | None = None,
-                why: str = "", rule: rules_mod.Rule | None = None) -> bool:
+                why: str = "", rule: rules_mod.Rule | None = None, mark: bool = False) -> bool:
         """Answer an event exactly once; False if it was answered already. An answer decided
-        by a rule asks the kernel for an audit record carrying the rule's number."""
+        by a rule asks the kernel for an audit record carrying the rule's number. `mark`: an
+        allow of a clean file the kernel may answer for from now on (see _kernel_cache); the
+        event fd is closed with the answer."""
         with self._answer_lock:
             if p.answered:
                 return False
@@ -541,6 +547,13 @@ class Daemon:
             # wakes the opener, whose next event is then read by this thread, not a standby.
             p.watcher = 0
             self._relay.end_scan()
+        if mark:
+            fd, st = p.fd, p.obj.stat
+            p.delivered = self._allow_marked(fd, p.state.perm_mask, st.st_mtime_ns, st.st_ctime_ns,
+                                             st.st_size)
+            p.fd = p.obj.fd = -1  # closed: nothing may read through that number again
+            self.stats.answered(True, reason, degraded)
+            return True
         if allow:
             response = fan.FAN_ALLOW
         elif rule is not None:
@@ -572,36 +585,53 @@ class Daemon:
                                   f"{kind}: {why}")
         return allow
 
-    def _kernel_cache(self, p: Pending) -> None:
-        """Let the kernel answer later opens of this clean file, unless a rule could decide
-        differently for another opener (a rule that depends on who opens, or an audit)."""
+    def _kernel_cache(self, p: Pending) -> bool:
+        """Whether the kernel may answer later opens of this clean file (the answer then marks
+        it: _answer's `mark`): not if a rule could decide differently for another opener (a
+        rule that depends on who opens, or an audit)."""
         st = p.state
-        if not st.config.daemon.kernel_cache:
-            return
+        if not st.config.daemon.kernel_cache or not self.group.features.evictable_ignore:
+            return False
         if st.rules.rules and st.rules.may_match_object("any", p.obj):
             self.stats.uncacheable_by_rules += 1
             self.cache.not_for_kernel(p.obj.key)
-            return
-        self._ignore_unchanged(p.fd, st.perm_mask, p.obj.stat)
+            return False
+        return True
 
-    def _ignore_unchanged(self, fd: int, mask: int, scanned: os.stat_result) -> None:
-        """Put the kernel ignore mark on, then check the file is still the version that was
-        judged, and take the mark off if not. Always before the answer: once answered, the
-        opener may write, and a mark placed after that write would outlive it (the write's
-        modify event, which clears marks, came first). A write that updates the times after
-        the check comes after the mark too, so the kernel clears it."""
-        if not self.group.ignore_inode(fd, mask):
-            return
-        try:
-            now = os.fstat(fd)
-            same = file_version(now) == file_version(scanned)
-        except OSError:
-            same = False
-        if same:
-            self.stats.kernel_marks += 1
-        else:
-            self.group.unignore_inode(fd, mask)
-            self.stats.kernel_marks_withdrawn += 1
+    def _allow_marked(self, fd: int, mask: int, mtime_ns: int, ctime_ns: int, size: int) -> bool:
+        """Allow a clean file's event, letting the kernel answer its later opens, and close fd;
+        False if the kernel no longer wanted the answer. Raises, leaving fd open, only if the
+        answer was refused.
+
+        The ignore mark goes on first, then the file is checked to be still the version that
+        was judged (the mark comes off if not), then the answer: once answered, the opener may
+        write, and a mark placed after that write would outlive it (the write's modify event,
+        which clears marks, came first). A write that updates the times after the check comes
+        after the mark too, so the kernel clears it. vetd._hotpath does all of it in one call:
+        four calls from Python each gave the GIL up, and each of those is a thread wake-up
+        when another thread is waiting for it."""
+        if self.hot is not None:
+            delivered, marked = self.hot.allow_marked(self._gfd, fd, mask, mtime_ns, ctime_ns,
+                                                      size, True)
+            if marked > 0:
+                self.stats.kernel_marks += 1
+            elif marked == 0:
+                self.stats.kernel_marks_withdrawn += 1
+            return bool(delivered)
+        if self.group.ignore_inode(fd, mask):
+            try:
+                now = os.fstat(fd)
+                same = (now.st_mtime_ns, now.st_ctime_ns, now.st_size) == (mtime_ns, ctime_ns, size)
+            except OSError:
+                same = False
+            if same:
+                self.stats.kernel_marks += 1
+            else:
+                self.group.unignore_inode(fd, mask)
+                self.stats.kernel_marks_withdrawn += 1
+        delivered = self.group.respond(fd, fan.FAN_ALLOW)
+        _close_quietly(fd)
+        return delivered
 
     def _apply_rule(self, p: Pending, rule: rules_mod.Rule) -> None:
         why = f"rule {rule.number} ({rule.where}): {rule.text}"
@@ -753,17 +783,16 @@ class Daemon:
         entry = self.cache.entry(obj.key, obj.version)
         if entry is not None:
             verdict = entry.verdict
-            if not verdict.denied and entry.kernel:
-                self._kernel_cache(p)  # the kernel evicted its mark, or the rules forbid one
-            self._answer(p, not verdict.denied, "cache", why=verdict.reason)
+            # a clean file here: the kernel evicted its mark, or the rules forbid one
+            mark = not verdict.denied and entry.kernel and self._kernel_cache(p)
+            self._answer(p, not verdict.denied, "cache", why=verdict.reason, mark=mark)
             return
         if obj.stat.st_size > st.config.scan.max_size:
             self._answer_by_policy(p, "too_big", f"{obj.stat.st_size} bytes > max_size")
             return
         if not st.plugins:
             self.cache.store(obj.key, obj.version, Verdict.allow("no scanner"), st.generation)
-            self._kernel_cache(p)
-            self._answer(p, True, "scan")
+            self._answer(p, True, "scan", mark=self._kernel_cache(p))
             return
         p.deadline = time.monotonic() + st.deadline_s
         p.handed_off = True
@@ -872,9 +901,8 @@ class Daemon:
             return
         verdict = combine(verdicts)
         self.cache.store(obj.key, obj.version, verdict, st.generation)
-        if verdict.cacheable and verdict.ttl_s is None and not p.answered:
-            self._kernel_cache(p)
-        self._answer(p, True, "scan")
+        mark = verdict.cacheable and verdict.ttl_s is None and not p.answered and self._kernel_cache(p)
+        self._answer(p, True, "scan", mark=mark)
 
     def _rescan(self, item: RescanItem) -> None:
         """Scan a file a degraded answer let through; a deny is cached, so later opens fail."""
@@ -1072,10 +1100,18 @@ class Daemon:
             "hot_path": {"compiled": self.hot is not None,
                          "table_entries": len(st.answers) if st.answers is not None else 0,
                          "answered": s.table_answers,
-                         "by_reason": dict(s.table_by_reason)},
+                         "by_reason": dict(s.table_by_reason),
+                         "busy_poll": self._busy_poll_status()},
             "rescan": {"queued": self.rescans.depth, "limit": st.config.degraded.rescan_queue,
                        "enabled": st.config.degraded.rescan},
         }
+
+    def _busy_poll_status(self) -> dict[str, Any]:
+        fl = self._flags
+        return {"max_us": fl[FLAG_POLL_MAX_NS] // 1000 if self.hot is not None else 0,
+                "window_us": round(fl[FLAG_POLL_NS] / 1000, 1),
+                "caught": fl[FLAG_POLL_CAUGHT],
+                "spent_s": round(fl[FLAG_POLL_SPENT_NS] / 1e9, 3)}
 
     def _by_reason(self) -> dict[str, int]:
         reasons = dict(self.stats.by_reason)
@@ -1156,14 +1192,15 @@ class Daemon:
         (deadlines, the watchdog, reloads, mount changes) is the housekeeper's, on the main
         thread; it sends WATCHDOG=1 only while this loop is waiting or working on a fresh batch.
 
-        Where the state has a FastAnswers table (vetd._hotpath is built and something can be
-        answered from it), hot.run() reads the batches instead, without the GIL, and answers
-        those the table knows whole, in C, without coming back here. A batch with events it
-        does not know, or any event that is not a permission event, comes back with those
-        left, in order, for _event. run() returns without answering anything when a side
-        channel has news or the state changed while it waited in read(): those are applied
-        first and the batch is then answered from the tables as they are after them. Without
-        a table every batch is read here and every event goes through _event."""
+        Where vetd._hotpath is built, hot.run() reads the batches instead, without the GIL
+        (busy polling first, where [daemon] busy_poll_us asks for it), and answers those the
+        state's FastAnswers table knows whole, in C, without coming back here. A batch with
+        events it does not know, or any event that is not a permission event, comes back with
+        those left, in order, for _event. run() returns without answering anything when a
+        side channel has news or the state changed while it waited in read(): those are
+        applied first and the batch is then answered from the tables as they are after them.
+        A state without a table gets an empty one. Without the compiled module every batch
+        is read here and every event goes through _event."""
         hot = self.hot
         gfd = self.group.fd
         meta_size = fan.METADATA.size
@@ -1176,7 +1213,7 @@ class Daemon:
             answers = st.answers
             ready: tuple[int, ...] = ()
             try:
-                if answers is None:
+                if hot is None:
                     n = os.readv(gfd, [buf])
                     left = None
                 else:
@@ -1198,7 +1235,7 @@ class Daemon:
                 self._side_channels(st, ready)
                 answers = st.answers
                 stop = 0
-                if answers is not None:
+                if hot is not None:
                     tables = self._tables(st, answers, want)
                     stop, seen, _done, left = hot.answer(buf, 0, n, gfd, *tables)  # type: ignore[union-attr]
                     flags[FLAG_SEEN] += seen
@@ -1210,7 +1247,7 @@ class Daemon:
                 if stop + meta_size > n:
                     break
                 stop = event(st, buf, stop, n)  # what C stopped at: a notification, or malformed
-                if answers is None:
+                if hot is None:
                     while stop + meta_size <= n:
                         stop = event(st, buf, stop, n)
                     break
@@ -1222,8 +1259,12 @@ class Daemon:
             if self._inline is not None:
                 return  # a scan for this thread: _reader_main passes the baton on first
 
-    def _tables(self, st: State, answers: FastAnswers, want: int) -> tuple[object, ...]:
-        """What hot.run/answer look events up in, for this state."""
+    def _tables(self, st: State, answers: FastAnswers | None, want: int) -> tuple[object, ...]:
+        """What hot.run/answer look events up in, for this state. Without a table, nothing:
+        a statx only where _event's fast path reuses it (st.fast), every event left to it."""
+        if answers is None:
+            return (_NO_TABLE, None, None, want if st.fast and self.statx.available else 0,
+                    _NO_COUNTS)
         procs = self.procwatch
         if st.memo_token is not None and procs is not None:
             answers.sync_tokens(procs.epoch)  # process events since: no token is sure
@@ -1302,9 +1343,15 @@ class Daemon:
         e = self.cache.clean_entry(key, version)
         if e is None:
             return False
-        if st.config.daemon.kernel_cache:  # the kernel had evicted its mark
-            self._ignore_unchanged(efd, st.perm_mask, pre if pre is not None else os.fstat(efd))
-        self._allow_and_close(efd)
+        if st.config.daemon.kernel_cache and self.group.features.evictable_ignore:
+            # the kernel had evicted its mark: put it back
+            if pre is not None:
+                self._allow_marked(efd, st.perm_mask, pre.st_mtime_ns, pre.st_ctime_ns, pre.st_size)
+            else:
+                self._allow_marked(efd, st.perm_mask, t[MTIME_S] * 1_000_000_000 + t[MTIME_NS],  # type: ignore[index]
+                                   t[CTIME_S] * 1_000_000_000 + t[CTIME_NS], t[SIZE])  # type: ignore[index]
+        else:
+            self._allow_and_close(efd)
         self.stats.fast_hits += 1
         if t is not None and st.answers is not None:
             self._add_clean_answer(st.answers, (mask, (), t), key, version, e)
