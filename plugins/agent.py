@@ -68,11 +68,14 @@ class Agent(Plugin):
 
     # ------------------------------------------------------------------ the scan ---------------
     def scan(self, file: ScanFile, opener: Opener) -> Verdict:
-        deadline = time.monotonic() + self.timeout_s
+        # timeout_s, or less if vetd answers the open by policy sooner; the agent is told
+        # what is left (deadline_ms), so it can stop when nobody waits any more
+        budget = file.time_left(self.timeout_s)
+        deadline = time.monotonic() + budget
         step = "waiting for a free connection"
-        if not self._slots.acquire(timeout=self.timeout_s):
+        if budget <= 0 or not self._slots.acquire(timeout=budget):
             raise AgentError(f"agent at {self.socket_path}: all {self.connections} connection(s) "
-                             f"busy for {self.timeout_s:g}s")
+                             f"busy for {budget:.3g}s")
         sock: socket.socket | None = None
         try:
             sock = self._idle_connection()
@@ -104,7 +107,7 @@ class Agent(Plugin):
         except AgentError:
             raise
         except TimeoutError:
-            raise AgentError(f"agent at {self.socket_path}: no answer within {self.timeout_s:g}s "
+            raise AgentError(f"agent at {self.socket_path}: no answer within {budget:.3g}s "
                              f"({step})") from None
         except ProtocolError as e:
             raise AgentError(f"agent at {self.socket_path}: protocol error ({step}): {e}") from e

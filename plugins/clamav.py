@@ -352,16 +352,18 @@ class ClamAV(Plugin):
         return None
 
     def scan(self, file: ScanFile, opener: Opener) -> Verdict:
-        deadline = _Deadline(self.timeout_s)
+        # timeout_s, or less if vetd answers the open by policy sooner: waiting on clamd after
+        # that only holds a worker and a connection
+        deadline = _Deadline(file.time_left(self.timeout_s))
         with self._lock:
             self.counters["scans"] += 1
         if not self._slots.acquire(timeout=deadline.left()):
             raise TimeoutError(f"all {self.connections} connections to clamd stayed busy for "
-                               f"{self.timeout_s:g}s")
+                               f"{deadline.seconds:.3g}s")
         try:
             return self._scan(file, deadline)
         except TimeoutError:
-            raise TimeoutError(f"clamd at {self.target} did not answer within {self.timeout_s:g}s") from None
+            raise TimeoutError(f"clamd at {self.target} did not answer within {deadline.seconds:.3g}s") from None
         except ClamdUnavailable as e:
             self._note_down(str(e))
             raise

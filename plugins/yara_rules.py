@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import re
@@ -92,13 +93,17 @@ class YaraRules(Plugin):
         size = file.size
         if size > self.max_size:
             return Verdict.allow("yara: skipped, too big")
+        left = file.time_left(self.timeout_s)
+        if left <= 0:
+            raise yara.TimeoutError("the open was answered by policy before the scan began")
+        timeout = min(self.timeout_s, math.ceil(left))  # libyara counts whole seconds
         content, length = _read_content(file.fileno(), size)
         try:
             if isinstance(content, bytes):
-                matches = self._match(content)
+                matches = self._match(content, timeout)
             else:
                 with memoryview(content) as whole, whole[:length] as window:
-                    matches = self._match(window)
+                    matches = self._match(window, timeout)
         finally:
             if isinstance(content, mmap.mmap):
                 content.close()
@@ -109,14 +114,14 @@ class YaraRules(Plugin):
             return Verdict.deny(f"yara:{first.rule}")
         return Verdict.deny(f"yara:{first.namespace}:{first.rule}")
 
-    def _match(self, data: bytes | memoryview) -> list[Any]:
+    def _match(self, data: bytes | memoryview, timeout: int) -> list[Any]:
         """The matching rules, in rule order. A timeout or any other yara.Error is raised: the
         host answers it by this plugin's on_failure policy."""
         try:
-            return self.rules.match(data=data, timeout=self.timeout_s)
+            return self.rules.match(data=data, timeout=timeout)
         except yara.TimeoutError as e:
-            raise yara.TimeoutError(f"no answer within timeout_s = {self.timeout_s} "
-                                    f"({len(data)} bytes)") from e
+            raise yara.TimeoutError(f"no answer within {timeout} s (timeout_s = {self.timeout_s}, "
+                                    f"{len(data)} bytes)") from e
 
 
 # --- configuration ----------------------------------------------------------------------------

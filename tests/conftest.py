@@ -193,6 +193,16 @@ TEST_PLUGINS = textwrap.dedent('''
                 fh.write(f"{opener.pid} {opener.exe!r} {opener.comm!r} {opener.uid!r}\\n")
             return Verdict.allow()
 
+    class DeadlineProbe(Plugin):
+        """Logs how long vetd said it would wait for it (ScanFile.deadline, SDK 1.1)."""
+        name = "deadlineprobe"
+        api_version = API_VERSION
+        def scan(self, file, opener):
+            left = None if file.deadline is None else file.deadline - time.monotonic()
+            with open(self.config["log"], "a") as fh:
+                fh.write(f"{left!r} {file.time_left(60.0)!r}\\n")
+            return Verdict.allow()
+
     class Counter(Plugin):
         """Denies files containing a marker; appends each scanned path to a log (not watched)."""
         name = "counter"
@@ -221,7 +231,7 @@ def plugin_site(tmp_path: Path) -> Path:
         "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n"
         "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n"
         "garbage = vetd_testplugins:Garbage\nlagging = vetd_testplugins:Lagging\n"
-        "whoami = vetd_testplugins:WhoAmI\n")
+        "whoami = vetd_testplugins:WhoAmI\ndeadlineprobe = vetd_testplugins:DeadlineProbe\n")
     return site
 
 

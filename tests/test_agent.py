@@ -502,6 +502,38 @@ def test_frozen_agent_makes_scan_raise_within_the_timeout(spawn, plugin, files):
     assert p.scan(f, OPENER).denied      # thawed: back in business
 
 
+def test_the_event_deadline_bounds_the_scan_and_reaches_the_agent(spawn, in_thread, plugin, files):
+    """SDK 1.1: a file whose open vetd answers by policy in 0.5 s is given up on then, not at
+    the plugin's own 10 s, and the agent is told how long it has (deadline_ms)."""
+    seen: list[int] = []
+
+    def scan(fd: int, request: dict):
+        seen.append(request["deadline_ms"])
+        return ("allow", "")
+
+    p = plugin(in_thread(scan).socket_path, timeout_s=10)
+    f = files(b"fine")
+    f.deadline = time.monotonic() + 3.0
+    assert not p.scan(f, OPENER).denied
+    assert 0 < seen[0] <= 3000
+    agent = spawn("python")
+    frozen = plugin(agent.socket, timeout_s=10)
+    g = files(EICAR)
+    assert frozen.scan(g, OPENER).denied
+    agent.freeze()
+    try:
+        g.deadline = time.monotonic() + 0.5
+        t0 = time.monotonic()
+        with pytest.raises(AgentError, match="no answer within"):
+            frozen.scan(g, OPENER)
+        assert time.monotonic() - t0 < 0.5 + 1.0
+        g.deadline = time.monotonic() - 1  # already answered by policy: do not even try
+        with pytest.raises(AgentError):
+            frozen.scan(g, OPENER)
+    finally:
+        agent.signal(signal.SIGCONT)
+
+
 def _fake_agent(path: str, on_scan, on_hello=None) -> threading.Thread:
     """A hand-rolled agent: a correct handshake (unless on_hello replaces it), then
     on_scan(conn, request_id) for the scan."""

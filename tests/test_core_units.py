@@ -541,3 +541,24 @@ def test_the_relay_reports_events_already_waiting_when_a_scan_begins_and_none_af
         relay.close()
         os.close(r)
         os.close(w)
+
+
+# --- SDK 1.1: the deadline a plugin sees ---------------------------------------------------------
+def test_time_left_is_the_cap_or_less_and_never_negative(tmp_path):
+    import time as _time
+
+    from vetd.sdk import ScanFile
+    f = tmp_path / "f"
+    f.write_text("x")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        sf = ScanFile(fd, os.fstat(fd), str(f))
+        assert sf.deadline is None and sf.time_left(4.0) == 4.0   # nobody waits: the plugin's own
+        sf.deadline = _time.monotonic() + 100
+        assert sf.time_left(4.0) == 4.0
+        sf.deadline = _time.monotonic() + 1
+        assert 0 < sf.time_left(4.0) <= 1
+        sf.deadline = _time.monotonic() - 1
+        assert sf.time_left(4.0) == 0.0
+    finally:
+        os.close(fd)

@@ -50,6 +50,27 @@ def test_a_plugin_deadline_shorter_than_the_event_deadline_is_kept(tmpfs, vetd_f
     assert plugin(v, "sleepy")["timeouts"] == 1
 
 
+def test_plugins_see_the_deadline_vetd_answers_by(tmpfs, vetd_factory, plugin_site, tmp_path):
+    """SDK 1.1: ScanFile.deadline is the event's deadline, or the plugin's own deadline_ms when
+    that comes first, so a plugin can stop when nobody waits for it any more."""
+    import signal
+    (tmpfs / "a").write_text("a")
+    (tmpfs / "b").write_text("b")
+    log = tmp_path / "deadlines.log"
+    v = vetd_factory([tmpfs], pythonpath=plugin_site, extra="[scan]\ndeadline_ms = 3000",
+                     plugins=f'[plugins.deadlineprobe]\nlog = "{log}"\n').start()
+    assert open_as_child(tmpfs / "a") == "OK"
+    left, capped = (float(x) for x in log.read_text().split())
+    assert 2.0 < left <= 3.0 and 0 < capped <= left   # the event's 3 s, less what has passed
+    n = len(v.messages)
+    v.config.write_text(v.config.read_text().replace(f'log = "{log}"', f'log = "{log}"\ndeadline_ms = 700'))
+    v.signal(signal.SIGHUP)
+    v.wait_message("READY=1", after=n)
+    assert open_as_child(tmpfs / "b") == "OK"
+    left, capped = (float(x) for x in log.read_text().splitlines()[1].split())
+    assert 0 < left <= 0.7 and 0 < capped <= left     # the plugin's own, shorter deadline
+
+
 def test_repeated_failures_open_the_breaker_and_a_probe_closes_it(tmpfs, vetd_factory, plugin_site,
                                                                  tmp_path):
     flag = tmp_path / "engine-down"

@@ -270,6 +270,21 @@ def test_a_frozen_clamd_makes_scan_raise_within_timeout(clamd, plugins, files, t
 
 
 @needs_clamd
+def test_a_frozen_clamd_is_given_up_on_at_the_event_deadline_not_the_plugin_timeout(clamd, plugins, files):
+    """SDK 1.1: vetd answers the open by policy at the event's deadline; the scan must not hold
+    a worker and a connection for the rest of timeout_s after that."""
+    p = plugins(socket=clamd.socket, timeout_s=10)
+    assert not scan(p, files["clean"]).denied
+    with clamd.frozen_for_test(), scanfile(files["signed"]) as sf:
+        sf.deadline = time.monotonic() + 0.5
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            p.scan(sf, None)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 0.5 + MARGIN_S
+    assert scan(p, files["signed"]).denied
+
+
+@needs_clamd
 def test_clamd_killed_and_restarted_is_picked_up_without_a_new_plugin(clamd, plugins, files, caplog):
     caplog.set_level(logging.INFO, logger="vetd.plugins.clamav")
     p = plugins(socket=clamd.socket, timeout_s=2)

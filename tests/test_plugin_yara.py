@@ -291,6 +291,34 @@ def test_timeout_is_raised_for_the_degraded_policy(tmp_path):
         scan_path(p, write(tmp_path / "zeros", bytes(200_000)))
 
 
+def test_the_event_deadline_cuts_the_yara_timeout(tmp_path):
+    """SDK 1.1: with the open due to be answered by policy in 1.2 s, a slow rule set is given up
+    on after 2 s (libyara counts whole seconds), not timeout_s = 30; past the deadline, at once."""
+    import time
+
+    from vetd.sdk import ScanFile
+    d = rules_dir(tmp_path, slow_yar="""\
+        rule slow {
+            condition: for all i in (0 .. filesize - 1) : (
+                for all j in (0 .. filesize - 1) : (uint8(i) == uint8(j)))
+        }
+        """)
+    p = YaraRules({"rules": [str(d)], "timeout_s": 30})
+    f = write(tmp_path / "zeros", bytes(200_000))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        sf = ScanFile(fd, os.fstat(fd), str(f), time.monotonic() + 1.2)
+        t0 = time.monotonic()
+        with pytest.raises(yara.TimeoutError, match="within 2 s"):
+            p.scan(sf, None)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 10
+        sf.deadline = time.monotonic() - 1
+        with pytest.raises(yara.TimeoutError, match="answered by policy"):
+            p.scan(sf, None)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+
+
 def test_other_yara_errors_are_raised_too(bundled, tmp_path, monkeypatch):
     class Broken:
         def match(self, **kw):

@@ -133,7 +133,8 @@ class Pending:
     """One permission event between intake and answer."""
 
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
-                 "handed_off", "current", "plugin_deadline", "delivered", "memo_base", "watcher")
+                 "handed_off", "current", "plugin_deadline", "delivered", "memo_base", "watcher",
+                 "timing_out")
 
     def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None,
                  procs: ProcWatch | None = None, op: str | None = None):
@@ -153,6 +154,7 @@ class Pending:
         self.current: str | None = None     # the plugin a worker is running for this event
         self.plugin_deadline = 0.0
         self.watcher = 0  # the thread scanning it inline, until it ends the relay's watch
+        self.timing_out = False  # claimed by the first to answer its expired deadline
 
     def close(self) -> None:
         """Close the fds and let go of the file and process facts: an answered event may sit
@@ -865,6 +867,7 @@ class Daemon:
                 continue
             pp = st.policy.plugins.get(name)
             p.plugin_deadline = now + pp.deadline_s if pp is not None and pp.deadline_s else 0.0
+            sf.deadline = min(p.deadline, p.plugin_deadline) if p.plugin_deadline else p.deadline
             p.current = name
             if p.plugin_deadline and p.plugin_deadline < self._housekeeper_wakes_at:
                 self._wake()
@@ -872,9 +875,18 @@ class Daemon:
             try:
                 v = checked(plugin.scan(sf, opener), name)
             except Exception as e:
-                p.current = None
                 if p.answered:
+                    p.current = None
                     return  # timed out meanwhile; the loop recorded it
+                now = time.monotonic()
+                if now >= sf.deadline:  # type: ignore[operator]
+                    # It gave up at the deadline it was told (ScanFile.deadline): a timeout,
+                    # whichever of it and the housekeeper noticed first.
+                    self._timeout(p, now, "over its own deadline" if sf.deadline == p.plugin_deadline
+                                  else f"no verdict within {st.deadline_s:g}s")
+                    p.current = None
+                    return
+                p.current = None
                 stats.errors += 1
                 why = f"{type(e).__name__}: {e}"
                 if breaker.failure(time.monotonic()):
@@ -948,7 +960,13 @@ class Daemon:
             self.pool.resize(min(want, 2 * p_workers + 4))
 
     def _timeout(self, p: Pending, now: float, why: str) -> None:
-        """The one place an expired deadline is answered; the plugin running, if any, is blamed."""
+        """The one place an expired deadline is answered; the plugin running, if any, is blamed.
+        Called by the housekeeper and by the scanning thread (a plugin that gave up at its
+        ScanFile.deadline): only the first of them counts it."""
+        with self._answer_lock:
+            if p.answered or p.timing_out:
+                return
+            p.timing_out = True
         plugin = p.current
         if plugin is not None:
             self.plugin_stats.setdefault(plugin, PluginStats()).timeouts += 1

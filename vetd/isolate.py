@@ -186,7 +186,9 @@ def _serve(config_path: str, name: str, socket_path: str, parent_fd: int | None 
             self.uid = req.get("uid")
 
     def scan(fd: int, req: dict[str, Any]) -> dict[str, Any]:
-        sf = ScanFile(fd, os.fstat(fd), str(req.get("path") or f"<fd {fd}>"))
+        left_ms = req.get("deadline_ms") or 0  # what vetd's side had left when it asked
+        sf = ScanFile(fd, os.fstat(fd), str(req.get("path") or f"<fd {fd}>"),
+                      time.monotonic() + left_ms / 1000 if left_ms else None)
         v = plugin.scan(sf, Opener(_Proc(req)))
         if not isinstance(v, Verdict):
             raise TypeError(f"scan() returned {type(v).__name__}, not a Verdict")

@@ -8,6 +8,7 @@ permission event (and, in the worst case, wait for itself).
 
 Versioning: API_VERSION is "MAJOR.MINOR". A plugin declares the version it was written for;
 vetd loads it when the majors match and the plugin's minor is not newer than vetd's.
+1.1 added ScanFile.deadline and ScanFile.time_left (a 1.0 plugin runs unchanged).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import enum
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 __all__ = ["API_VERSION", "Decision", "Verdict", "ScanFile", "Opener", "Plugin", "PluginConfigError",
            "check_keys", "number_option"]
@@ -91,13 +93,27 @@ class ScanFile:
     """Read-only access to the file being opened, through the event fd. Shared by all plugins
     scanning one event, so hashes are computed once."""
 
-    def __init__(self, fd: int, st: os.stat_result, path: str | Callable[[], str]):
+    def __init__(self, fd: int, st: os.stat_result, path: str | Callable[[], str],
+                 deadline: float | None = None):
         self._fd = fd
         self.stat = st
         self.size = st.st_size
         self._path = path
         self._hashes: dict[str, str] = {}
         self._lock = threading.Lock()
+        # When vetd stops waiting for this plugin and answers the open by its degraded policy
+        # (time.monotonic() seconds): the event's deadline or the plugin's own deadline_ms,
+        # whichever comes first. None when nobody waits (a scan after the fact). Since 1.1.
+        self.deadline = deadline
+
+    def time_left(self, cap: float) -> float:
+        """Seconds worth spending on this file: `cap` (the plugin's own timeout), or less when
+        vetd answers the open by policy before then. 0.0 once that has happened: work past
+        it is wasted, so give up at once (raise). Since 1.1."""
+        deadline = self.deadline
+        if deadline is None:
+            return cap
+        return max(0.0, min(cap, deadline - time.monotonic()))
 
     @property
     def path(self) -> str:
