@@ -57,7 +57,7 @@ def test_double_star_matches_any_depth(parts):
 def test_defaults_parse():
     c = cfg.parse("")
     assert c.daemon.watch == ("/",) and c.scan.on_timeout == "allow" and "proc" in c.exclude.fs_types
-    assert c.daemon.busy_poll_us == 100
+    assert c.daemon.busy_poll_us == 100 and c.scan.processes == 0
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -74,6 +74,7 @@ def test_defaults_parse():
     ("[scan]\nmax_size = '12 parsecs'", "[scan] max_size"),
     ("[daemon]\nbusy_poll_us = 5000", "[daemon] busy_poll_us: must be at least 0 and at most 1000"),
     ("[daemon]\nbusy_poll_us = -1", "[daemon] busy_poll_us: must be at least 0"),
+    ("[scan]\nprocesses = 65", "[scan] processes: must be at least 0 and at most 64"),
 ])
 def test_bad_config_names_file_key_and_reason(text, needle):
     with pytest.raises(cfg.ConfigError) as e:

@@ -468,7 +468,7 @@ out:
 }
 
 PyDoc_STRVAR(allow_marked_doc,
-"allow_marked(gfd, fd, mask, mtime_ns, ctime_ns, size, close) -> (delivered, marked)\n\n"
+"allow_marked(gfd, fd, mask, mtime_ns, ctime_ns, size, close[, answer_fd]) -> (delivered, marked)\n\n"
 "Allow a scanned clean file's event and let the kernel answer its later opens: put an\n"
 "evictable ignore mark for mask on its inode, check the file is still the version that was\n"
 "scanned (mtime, ctime, size) and take the mark off again if not, then write the answer and,\n"
@@ -476,16 +476,20 @@ PyDoc_STRVAR(allow_marked_doc,
 "calls, each giving the GIL up, and where another thread waits for it each of those is a\n"
 "thread wake-up. marked: 1 kept, 0 withdrawn (the file changed), -1 refused by the kernel.\n"
 "delivered is False if the event was gone (ENOENT: the opener was killed). Any other failed\n"
-"write raises OSError and leaves fd open.");
+"write raises OSError and leaves fd open. answer_fd (default fd) is the number the answer names:\n"
+"a scan process answers for the reading process, whose fd number the kernel knows the event by.");
 
 static PyObject *
 hot_allow_marked(PyObject *self, PyObject *args)
 {
-    int gfd, fd, close_it;
+    int gfd, fd, close_it, answer_fd = -1;
     unsigned long long mask;
     long long mtime_ns, ctime_ns, size;
-    if (!PyArg_ParseTuple(args, "iiKLLLp", &gfd, &fd, &mask, &mtime_ns, &ctime_ns, &size, &close_it))
+    if (!PyArg_ParseTuple(args, "iiKLLLp|i", &gfd, &fd, &mask, &mtime_ns, &ctime_ns, &size, &close_it,
+                          &answer_fd))
         return NULL;
+    if (answer_fd < 0)
+        answer_fd = fd;
     int marked = -1, delivered = 1, err = 0;
     Py_BEGIN_ALLOW_THREADS
     if (syscall(SYS_fanotify_mark, gfd, VETD_FAN_MARK_ADD | VETD_FAN_MARK_IGNORE
@@ -504,7 +508,7 @@ hot_allow_marked(PyObject *self, PyObject *args)
         else
             syscall(SYS_fanotify_mark, gfd, VETD_FAN_MARK_REMOVE | VETD_FAN_MARK_IGNORE, mask, fd, NULL);
     }
-    struct response r = {fd, FAN_ALLOW};
+    struct response r = {answer_fd, FAN_ALLOW};
     if (write(gfd, &r, sizeof r) != (ssize_t)sizeof r) {
         if (errno == ENOENT)
             delivered = 0;

@@ -53,6 +53,7 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class ScanConfig:
     workers: int = 2
+    processes: int = 0
     backlog: int = 4096
     deadline_ms: int = 5000
     max_size: int = 256 * 1024 * 1024
@@ -248,6 +249,7 @@ def parse(text: str, file: str = "<config>") -> Config:
     sd = ScanConfig()
     scan = ScanConfig(
         workers=s.integer("workers", sd.workers, minimum=1, maximum=256),
+        processes=s.integer("processes", sd.processes, minimum=0, maximum=64),
         backlog=s.integer("backlog", sd.backlog, minimum=1),
         deadline_ms=s.integer("deadline_ms", sd.deadline_ms, minimum=10, maximum=600_000),
         max_size=_size(s, "max_size", sd.max_size),

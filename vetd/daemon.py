@@ -42,7 +42,8 @@ from .notify import Notifier
 from .degraded import Breaker, Policy
 from .rescan import Item as RescanItem, Rescanner
 from .scanning import PluginStats, ScanPool, checked, combine
-from .sdk import Opener, Plugin, ScanFile, Verdict
+from .scanproc import ScanProcesses
+from .sdk import Decision, Opener, Plugin, ScanFile, Verdict
 
 log = logging.getLogger("vetd")
 
@@ -134,7 +135,7 @@ class Pending:
 
     __slots__ = ("fd", "pidfd", "mask", "op", "obj", "subject", "state", "deadline", "answered",
                  "handed_off", "current", "plugin_deadline", "delivered", "memo_base", "watcher",
-                 "timing_out")
+                 "timing_out", "degraded")
 
     def __init__(self, ev: fan.Event, state: State, fstypes: dict[int, str] | None = None,
                  procs: ProcWatch | None = None, op: str | None = None):
@@ -155,6 +156,7 @@ class Pending:
         self.plugin_deadline = 0.0
         self.watcher = 0  # the thread scanning it inline, until it ends the relay's watch
         self.timing_out = False  # claimed by the first to answer its expired deadline
+        self.degraded: tuple[str, str, str] | None = None  # a plugin skipped (scan processes)
 
     def close(self) -> None:
         """Close the fds and let go of the file and process facts: an answered event may sit
@@ -329,6 +331,7 @@ class Daemon:
         self.cache.on_drop = self._cache_dropped
         self._install_state(self.state)
         self.pool = ScanPool(config.scan.workers, config.scan.backlog, self._scan_job)
+        self.scanprocs: ScanProcesses | None = None  # [scan] processes (started by run())
         self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
                                  lambda: self.pool.depth == 0 and self.pool.busy == 0)
         self.control = ControlServer(config.daemon.socket, {"status": self._status_cmd,
@@ -798,7 +801,10 @@ class Daemon:
             return
         p.deadline = time.monotonic() + st.deadline_s
         p.handed_off = True
-        if self._inline is None and self._relay.may_scan_inline():
+        if self.scanprocs is not None:
+            if not self._send_to_scan_process(p):
+                return  # answered already (by policy)
+        elif self._inline is None and self._relay.may_scan_inline():
             self._inline = p  # scanned by this thread once the batch is done (see _reader_main)
         elif not self.pool.submit(p):
             p.handed_off = False
@@ -809,6 +815,143 @@ class Daemon:
             heapq.heappush(self._deadlines, (p.deadline, self._seq, p))
         if p.deadline < self._housekeeper_wakes_at:
             self._wake()  # it would sleep past this deadline (a reload shortened deadline_ms)
+
+    # ------------------------------------------------------------------ scan processes ----------
+    def _send_to_scan_process(self, p: Pending) -> bool:
+        """Hand a scan to a scan process (vetd/scanproc.py); False if it was answered here
+        instead (an unhealthy plugin whose policy denies, a full backlog, no live process).
+        The plan skips unhealthy plugins as _scan does; the scan process may answer a clean
+        file itself only when nothing was skipped (else the answer is the degraded one)."""
+        st, obj = p.state, p.obj
+        sp = self.scanprocs
+        assert sp is not None
+        if sp.in_flight() >= st.config.scan.backlog:
+            p.handed_off = False
+            self._answer_by_policy(p, "backlog", f"{sp.in_flight()} scans in flight")
+            return False
+        now = time.monotonic()
+        plan: list[list[Any]] = []
+        degraded = None
+        for plugin in st.plugins:
+            name = plugin.name
+            if not st.breakers[name].allow(now):
+                self._plugin_stats(name).skipped += 1
+                if not st.policy.answer("unhealthy", obj.path if st.policy.needs_path() else None, name):
+                    p.handed_off = False
+                    self._answer_by_policy(p, "unhealthy", "skipped while unhealthy", name)
+                    return False
+                degraded = ("unhealthy", name, "skipped while unhealthy")
+                continue
+            pp = st.policy.plugins.get(name)
+            plan.append([name, now + pp.deadline_s if pp is not None and pp.deadline_s else 0])
+        p.degraded = degraded
+        mark_ok = self._may_mark(p)
+        if sp.submit(p, p.fd, mark_ok, st.perm_mask, p.deadline, plan, degraded is None,
+                     p.subject.pid):
+            return True
+        p.handed_off = False
+        self._answer_by_policy(p, "error", "no scan process is running")
+        return False
+
+    def _plugin_stats(self, name: str) -> PluginStats:
+        return self.plugin_stats.get(name) or self.plugin_stats.setdefault(name, PluginStats())
+
+    def _scanned(self, job: object, report: dict[str, Any]) -> None:
+        """A scan process's report (on its reader thread): what _scan does with the verdicts,
+        for a scan run elsewhere. A clean file it answered itself only needs remembering."""
+        p = job
+        assert isinstance(p, Pending)
+        try:
+            self._apply_report(p, report)
+        except Exception as e:
+            if not p.answered:
+                self._answer_by_policy(p, "error", f"{type(e).__name__}: {e}")
+            log.error("scan report: %s", format_exception_safely(e))
+        finally:
+            p.close()
+
+    def _apply_report(self, p: Pending, report: dict[str, Any]) -> None:
+        st, obj = p.state, p.obj
+        verdicts: list[Verdict] = []
+        for entry in report.get("results", []):
+            name, kind = entry[0], entry[1]
+            if not name:  # the file itself failed (fstat in the scan process)
+                if not p.answered:
+                    self._answer_by_policy(p, "error", str(entry[2]))
+                return
+            stats = self._plugin_stats(name)
+            stats.scans += 1
+            breaker = st.breakers.get(name)
+            if kind == "error":
+                if p.answered:
+                    return
+                if entry[3]:  # it gave up at the deadline it was told: a timeout
+                    p.current = name
+                    self._timeout(p, time.monotonic(), "over its deadline (in a scan process)")
+                    p.current = None
+                    return
+                self._plugin_failed(p, name, stats, breaker, str(entry[2]))
+                self._answer_by_policy(p, "error", str(entry[2]), name)
+                return
+            if breaker is not None:
+                breaker.success()
+            v = Verdict(Decision(kind), entry[2], name, bool(entry[3]), entry[4])
+            if v.denied:
+                self._denied_by(p, name, stats, v)
+                return
+            verdicts.append(v)
+        if p.answered:
+            return  # its deadline came first
+        verdict = combine(verdicts)
+        self.cache.store(obj.key, obj.version, verdict, st.generation)
+        if report.get("answered"):
+            with self._answer_lock:
+                if p.answered:
+                    return
+                p.answered = True
+            p.delivered = bool(report.get("delivered"))
+            marked = report.get("marked", -1)
+            if marked > 0:
+                self.stats.kernel_marks += 1
+            elif marked == 0:
+                self.stats.kernel_marks_withdrawn += 1
+            self.stats.answered(True, "scan", None)
+            return
+        if p.degraded is not None:
+            kind, name, why = p.degraded
+            self._answer_by_policy(p, kind, why, name)
+            return
+        mark = verdict.cacheable and verdict.ttl_s is None and self._kernel_cache(p)
+        self._answer(p, True, "scan", mark=mark)
+
+    def _plugin_failed(self, p: Pending, name: str, stats: PluginStats, breaker: Breaker | None,
+                       why: str) -> None:
+        """Count and log a plugin's failure on this event (the caller answers by policy)."""
+        stats.errors += 1
+        if breaker is not None and breaker.failure(time.monotonic()):
+            log.error("plugin %s is unhealthy after %d failures in a row: skipped by "
+                      "policy, probed again in %gs", name, breaker.failures, breaker.retry_after_s)
+        log.error("plugin %s failed on %s: %s", name, p.obj.display_path, why)
+
+    def _denied_by(self, p: Pending, name: str, stats: PluginStats, v: Verdict) -> None:
+        stats.denies += 1
+        self.cache.store(p.obj.key, p.obj.version, v, p.state.generation)
+        self._answer(p, False, "scan", why=f"{name}: {v.reason}")
+
+    def _scan_lost(self, job: object, why: str) -> None:
+        p = job
+        assert isinstance(p, Pending)
+        try:
+            if not p.answered:
+                self._answer_by_policy(p, "error", why)
+        finally:
+            p.close()
+
+    def _may_mark(self, p: Pending) -> bool:
+        """_kernel_cache without its bookkeeping: whether a clean answer may carry a mark."""
+        st = p.state
+        return (st.config.daemon.kernel_cache and self.group.features.evictable_ignore
+                and not (st.rules.rules and st.rules.may_match_object("any", p.obj)))
 
     def _notification(self, ev: fan.Event) -> None:
         self.stats.notification += 1
@@ -887,12 +1030,8 @@ class Daemon:
                     p.current = None
                     return
                 p.current = None
-                stats.errors += 1
                 why = f"{type(e).__name__}: {e}"
-                if breaker.failure(time.monotonic()):
-                    log.error("plugin %s is unhealthy after %d failures in a row: skipped by "
-                              "policy, probed again in %gs", name, breaker.failures, breaker.retry_after_s)
-                log.error("plugin %s failed on %s: %s", name, obj.display_path, why)
+                self._plugin_failed(p, name, stats, breaker, why)
                 if not self._answer_by_policy(p, "error", why, name):
                     return
                 degraded = ("error", name, why)
@@ -902,9 +1041,7 @@ class Daemon:
                 return
             breaker.success()
             if v.denied:
-                stats.denies += 1
-                self.cache.store(obj.key, obj.version, v, st.generation)
-                self._answer(p, False, "scan", why=f"{name}: {v.reason}")
+                self._denied_by(p, name, stats, v)
                 return
             verdicts.append(v)
         if degraded is not None:
@@ -944,6 +1081,8 @@ class Daemon:
         for p in expired:
             if not p.answered:
                 self._timeout(p, now, f"no verdict within {p.state.deadline_s:g}s")
+        if self.scanprocs is not None:
+            self.scanprocs.tend(now)
         stuck = 0
         for job in self.pool.running_jobs():
             p = job  # type: ignore[assignment]
@@ -1041,6 +1180,7 @@ class Daemon:
                 set_level(new.config.daemon.log_level)
                 self._watch_processes_if_needed()
                 self.pool.resize(new.config.scan.workers)
+                self._start_scan_processes(new.config)
                 self.group.flush_ignores()
                 self._sync_marks()
                 self.config_path = new.config.path
@@ -1103,7 +1243,9 @@ class Daemon:
                         "in_flight": sum(1 for d in list(self._deadlines) if not d[2].answered),
                         "read_loop": "waiting" if not self._reader_busy() else "working",
                         "workers": self.pool.workers, "inline_scans": s.inline_scans,
-                        "read_takeovers": s.read_takeovers},
+                        "read_takeovers": s.read_takeovers,
+                        "scan_processes": (self.scanprocs.status() if self.scanprocs is not None
+                                           else {"processes": 0})},
             "plugins": [self._plugin_status(p.name, st) for p in st.plugins],
             "late_detections": s.late_detections,
             "process_cache": ({"entries": len(self.procwatch.procs), "forgotten": self.procwatch.forgotten,
@@ -1185,6 +1327,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.control.start()
+        self._start_scan_processes(self.state.config)
         self._sync_marks()
         if not self.marked:
             log.warning("no filesystem is marked: nothing will be vetted (check [daemon] watch)")
@@ -1200,6 +1343,21 @@ class Daemon:
                      "whatever is left when the process exits")
             self._shutdown()
         return 0
+
+    def _start_scan_processes(self, config: Config) -> None:
+        """Start, resize or stop the scan processes for `config` (on the main thread: their
+        death signal is tied to the thread that forks them)."""
+        n = config.scan.processes
+        if self.scanprocs is not None and n == 0:
+            self.scanprocs.close()
+            self.scanprocs = None
+        elif self.scanprocs is not None:
+            self.scanprocs.restart(config.path, n)
+        elif n:
+            self.scanprocs = ScanProcesses(n, config.path, self._gfd, self._own_pid, self._scanned,
+                                           self._scan_lost)
+            log.info("scans run in %d scan process(es): %s", n,
+                     ", ".join(str(pid) for pid in self.scanprocs.status()["pids"]))
 
     def _read_loop(self, buf: bytearray) -> None:
         """The read loop: blocks in read() on the group fd and handles each batch, until this
@@ -1660,6 +1818,8 @@ class Daemon:
             if not p.answered:
                 self._answer_by_policy(p, "timeout", "vetd is stopping")
         self.pool.stop()
+        if self.scanprocs is not None:
+            self.scanprocs.close()
         self.rescans.stop()
         self.control.stop()
         # The group fd is not closed here: the read loop may still be writing an answer to it,
