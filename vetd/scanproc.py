@@ -279,6 +279,7 @@ def _wait_readable(poller: select.poll, poll_s: float) -> None:
     while not poller.poll(0):
         if time.monotonic() >= until:
             return
+        os.sched_yield()  # an opener or vetd itself may want this CPU more
 
 
 def serve(config_path: str, gfd: int, sock_fd: int) -> int:
