@@ -765,7 +765,8 @@ def toml_dump(doc: dict, prefix: tuple[str, ...] = ()) -> str:
 
 
 def vetd_config(base: dict, mnt: str, control: str, kernel_cache: bool, rules_dir: str | None,
-                workers: int | None, extra_deny: str | None, cache_entries: int | None) -> str:
+                workers: int | None, extra_deny: str | None, cache_entries: int | None,
+                processes: int | None = None) -> str:
     """The shipped default config with only what the bench must change: watch (the bench tmpfs
     only), socket (a temp dir), kernel_cache, the rules dir, and an extra hash list for the
     bench's own listed-bad blob. Everything else, the plugin tables first, is the default's."""
@@ -776,6 +777,8 @@ def vetd_config(base: dict, mnt: str, control: str, kernel_cache: bool, rules_di
     daemon["kernel_cache"] = kernel_cache
     if workers:
         doc.setdefault("scan", {})["workers"] = workers
+    if processes is not None:
+        doc.setdefault("scan", {})["processes"] = processes
     if cache_entries:
         doc.setdefault("cache", {})["entries"] = cache_entries
     if rules_dir is not None:
@@ -935,6 +938,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=None,
                     help="vetd [scan] workers (default: conf/vetd.toml's)")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="[scan] processes for every vetd instance (default: the shipped config's)")
     ap.add_argument("--rules", type=int, default=200,
                     help="access rules for vetd_warm_userspace (default 200)")
     ap.add_argument("--no-rss", action="store_true", help="skip vetd_rss_100k")
@@ -1056,6 +1061,8 @@ def main() -> int:
                 base, rewritten = default_config()
                 extra["config"] = {"from": os.path.relpath(DEFAULT_CONFIG, REPO),
                                    "scan_workers": args.workers or base.get("scan", {}).get("workers"),
+                                   "scan_processes": (args.processes if args.processes is not None
+                                                      else base.get("scan", {}).get("processes", 0)),
                                    "plugins": [n for n, t in base.get("plugins", {}).items()
                                                if t.get("enabled", True)],
                                    "repo_paths": [os.path.relpath(p, REPO) for p in rewritten]}
@@ -1082,7 +1089,8 @@ def main() -> int:
 
             def config_for(target, kernel_cache, rules, cache_entries=None):
                 return lambda control: vetd_config(base, target, control, kernel_cache, rules,
-                                                   args.workers, extra_deny, cache_entries)
+                                                   args.workers, extra_deny, cache_entries,
+                                                   args.processes)
 
             def instance(name, make_config, body, scen_names, target=(mnt, st.st_dev, mnt_id),
                          role="latency", **facts):
@@ -1321,7 +1329,8 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
     if extra.get("config"):
         c = extra["config"]
         print(f"vetd config: {c['from']} with /etc/vetd/ -> conf/ (plugins: {', '.join(c['plugins'])}); "
-              f"watch = the bench tmpfs; + the bench's listed-bad hash")
+              f"watch = the bench tmpfs; + the bench's listed-bad hash; [scan] workers "
+              f"{c.get('scan_workers')}, processes {c.get('scan_processes')}")
     if extra.get("rules"):
         r = extra["rules"]
         print(f"rules for vetd_warm_userspace: {r['rules']} in {len(r['files'])} files, "
@@ -1459,7 +1468,7 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
     out["machine"] = m
     out["params"] = {"files": args.files, "passes": args.passes, "exec_bins": args.exec_bins,
                      "exec_passes": args.exec_passes, "min_kib": args.min_kib, "max_kib": args.max_kib,
-                     "workers": args.workers, "rules": args.rules, "rss_files": None if args.no_rss else args.rss_files,
+                     "workers": args.workers, "processes": args.processes, "rules": args.rules, "rss_files": None if args.no_rss else args.rss_files,
                      "two_openers": "2 processes, list split every other file"}
     out["elapsed_s"] = round(elapsed, 1)
     print(json.dumps(out, separators=(",", ":")))
