@@ -532,6 +532,17 @@ def test_vetctl_status_renders_keys_it_does_not_know(sock_path, capsys):
     assert "Cache: warming up" in out
 
 
+def test_vetctl_status_names_the_scan_processes_only_when_there_are_some(sock_path, capsys):
+    procs = {"processes": 2, "pids": [41, 42], "in_flight": 1, "jobs": 9, "restarts": 1}
+    for sp, shown in ((procs, True), ({"processes": 0}, False)):
+        status = dict(STATUS, backlog={"depth": 0, "limit": 4096, "scan_processes": sp})
+        with ControlServer(sock_path, {"status": lambda a, s=status: s}):
+            assert ctl.main(["--socket", sock_path, "status"]) == 0
+        out = capsys.readouterr().out
+        assert ("scan processes: 2 (pids 41, 42), 1 in flight, 9 jobs, 1 restarts" in out) is shown, out
+        assert "scan_processes" not in out and "Scan processes" not in out
+
+
 def test_vetctl_socket_defaults_to_the_environment(server, sock_path, capsys, monkeypatch):
     monkeypatch.setenv("VETD_SOCKET", sock_path)
     assert ctl.main(["reload"]) == 0

@@ -200,8 +200,14 @@ def _render_marks(marks: list[Mapping[str, Any]]) -> list[str]:
 def _render_backlog(backlog: Mapping[str, Any]) -> list[str]:
     rest = dict(backlog)
     depth, limit = rest.pop("depth"), rest.pop("limit")
+    procs = rest.pop("scan_processes", None)
     extra = _inline(rest)
-    return [f"{depth} of {limit} queued" + (f", {extra}" if extra else "")]
+    lines = [f"{depth} of {limit} queued" + (f", {extra}" if extra else "")]
+    if procs and procs.get("processes"):
+        pids = ", ".join(str(p) for p in procs.get("pids", [])) or "none running"
+        lines.append(f"scan processes: {procs['processes']} (pids {pids}), {procs.get('in_flight', 0)} "
+                     f"in flight, {procs.get('jobs', 0)} jobs, {procs.get('restarts', 0)} restarts")
+    return lines
 
 
 _RENDERERS: dict[str, Callable[[Any], list[str]]] = {
