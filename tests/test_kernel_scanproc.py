@@ -34,8 +34,9 @@ def test_scans_run_in_a_scan_process_which_answers_clean_files_itself(tmpfs, vet
     assert open_as_child(tmpfs / "bad") == "EPERM"
     v.wait_log(f"marker-in-pid-{sp['pids'][0]}")          # judged in the scan process
     assert open_as_child(tmpfs / "ok") == "OK"
-    st = v.status()
-    assert st["cache"]["kernel_marks"] == 1                 # placed by the scan process
+    # the scan process answered before it reported; the report is applied just after
+    wait_for(lambda: procs(v)["in_flight"] == 0, what="the clean file's report")
+    assert v.status()["cache"]["kernel_marks"] == 1         # placed by the scan process
     jobs = procs(v)["jobs"]
     assert open_as_child(tmpfs / "ok") == "OK"              # the kernel answers it now
     assert open_as_child(tmpfs / "bad") == "EPERM"          # the daemon's cache answers it
@@ -50,6 +51,8 @@ def test_the_shipped_plugins_deny_eicar_from_a_scan_process(tmpfs, vetd_factory)
     assert open_as_child(tmpfs / "e.com") == "EPERM"
     assert open_as_child(tmpfs / "fine.txt") == "OK"
     assert procs(v)["jobs"] == 2
+    wait_for(lambda: procs(v)["in_flight"] == 0, what="the reports")
+    assert v.status()["answers"]["by_reason"] == {"scan": 2}
 
 
 @pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])

@@ -218,13 +218,17 @@ class ScanProcesses:
             try:
                 report = json.loads(data)
                 with self._lock:
-                    job = slot.jobs.pop(report["id"], None)
+                    job = slot.jobs.get(report["id"])
             except (ValueError, KeyError, TypeError):
                 log.error("scan process %d sent a malformed report", slot.pid)
                 self._kill(slot)
                 return
             if job is not None:
-                self._on_report(job[0], report)
+                try:
+                    self._on_report(job[0], report)
+                finally:  # in flight until applied: status then shows it done
+                    with self._lock:
+                        slot.jobs.pop(report["id"], None)
         self._lost(slot, fd)
 
     def _lost(self, slot: _Slot, fd: int) -> None:
