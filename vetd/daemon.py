@@ -590,16 +590,18 @@ class Daemon:
                                   f"{kind}: {why}")
         return allow
 
-    def _kernel_cache(self, p: Pending) -> bool:
+    def _kernel_cache(self, p: Pending, book: bool = True) -> bool:
         """Whether the kernel may answer later opens of this clean file (the answer then marks
         it: _answer's `mark`): not if a rule could decide differently for another opener (a
-        rule that depends on who opens, or an audit)."""
+        rule that depends on who opens, or an audit). `book`: the file is known clean, so a
+        rule's refusal is counted and remembered (not yet so when a scan is only being sent)."""
         st = p.state
         if not st.config.daemon.kernel_cache or not self.group.features.evictable_ignore:
             return False
         if st.rules.rules and st.rules.may_match_object("any", p.obj):
-            self.stats.uncacheable_by_rules += 1
-            self.cache.not_for_kernel(p.obj.key)
+            if book:
+                self.stats.uncacheable_by_rules += 1
+                self.cache.not_for_kernel(p.obj.key)
             return False
         return True
 
@@ -845,7 +847,7 @@ class Daemon:
             pp = st.policy.plugins.get(name)
             plan.append([name, now + pp.deadline_s if pp is not None and pp.deadline_s else 0])
         p.degraded = degraded
-        mark_ok = self._may_mark(p)
+        mark_ok = self._kernel_cache(p, book=False)
         if sp.submit(p, p.fd, mark_ok, st.perm_mask, p.deadline, plan, degraded is None,
                      p.subject.pid):
             return True
@@ -915,6 +917,8 @@ class Daemon:
                 self.stats.kernel_marks += 1
             elif marked == 0:
                 self.stats.kernel_marks_withdrawn += 1
+            else:
+                self._kernel_cache(p)  # unmarked: if the rules forbade it, count and remember that
             self.stats.answered(True, "scan", None)
             return
         if p.degraded is not None:
@@ -946,12 +950,6 @@ class Daemon:
                 self._answer_by_policy(p, "error", why)
         finally:
             p.close()
-
-    def _may_mark(self, p: Pending) -> bool:
-        """_kernel_cache without its bookkeeping: whether a clean answer may carry a mark."""
-        st = p.state
-        return (st.config.daemon.kernel_cache and self.group.features.evictable_ignore
-                and not (st.rules.rules and st.rules.may_match_object("any", p.obj)))
 
     def _notification(self, ev: fan.Event) -> None:
         self.stats.notification += 1
@@ -998,7 +996,7 @@ class Daemon:
         degraded: tuple[str, str, str] | None = None  # (kind, plugin, why) of an allowed failure
         for plugin in st.plugins:
             name = plugin.name
-            stats = self.plugin_stats.get(name) or self.plugin_stats.setdefault(name, PluginStats())
+            stats = self._plugin_stats(name)
             breaker = st.breakers[name]
             now = time.monotonic()
             if not breaker.allow(now):
