@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .sdk import API_VERSION, Opener, Plugin, ScanFile, Verdict
+from .spawn import spawn_own
 
 log = logging.getLogger("vetd.isolate")
 
@@ -61,31 +62,16 @@ class IsolatedPlugin(Plugin):
         return [s["pid"] for s in self._slots if s["pid"]]
 
     def _spawn(self, slot: dict[str, Any]) -> None:
-        """fork, register the pid as vetd's own, then let the child exec."""
+        """A new plugin host (vetd.spawn: its pid is vetd's own before it runs)."""
         if os.path.exists(slot["socket"]):
             os.unlink(slot["socket"])
-        r, w = os.pipe()
         # the child holds the read end of this one; vetd never writes it, so its end-of-file
         # tells the child vetd is gone (even by SIGKILL), and the child exits with it
-        life_r, life_w = os.pipe()
+        life_r, life_w = os.pipe2(os.O_CLOEXEC)
         argv = [sys.executable, "-m", "vetd.isolate", "--config", self._config_path,
                 "--plugin", self.name, "--socket", slot["socket"], "--parent-fd", str(life_r)]
-        pid = os.fork()
-        if pid == 0:  # the child: wait for the word, then become the plugin host
-            try:
-                os.close(w)
-                os.close(life_w)
-                os.set_inheritable(life_r, True)
-                os.read(r, 1)
-                os.close(r)
-                os.execv(argv[0], argv)
-            finally:
-                os._exit(127)
-        os.close(r)
+        pid = spawn_own(argv, self._register, keep_fds=(life_r,))
         os.close(life_r)
-        self._register(pid, True)
-        os.write(w, b"g")
-        os.close(w)
         if slot.get("life") is not None:
             os.close(slot["life"])
         slot["life"] = life_w

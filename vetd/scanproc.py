@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import ctypes
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .spawn import spawn_own
+
 log = logging.getLogger("vetd.scanproc")
 
 # job header: id, the reading process's fd number, may the kernel cache it (0/1), the event's
@@ -47,7 +48,6 @@ log = logging.getLogger("vetd.scanproc")
 # run, in order, each with its own deadline (0: none), and whether the scan process may answer
 HEADER = struct.Struct("=qiiQd")
 STUCK_GRACE_S = 2.0      # a job this much past its deadline means a hung scan process
-_PR_SET_PDEATHSIG = 1
 
 
 class _Slot:
@@ -91,31 +91,14 @@ class ScanProcesses:
 
     # ---------------------------------------------------------------- processes (main thread) --
     def _spawn(self, slot: _Slot) -> None:
-        """fork; the child sets its death signal, waits until its pid is vetd's own, then execs."""
+        """A new scan process on a socketpair of its own (vetd.spawn: vetd's pid before it runs,
+        killed by the kernel with vetd's main thread)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        r, w = os.pipe()
-        parent = os.getpid()
         argv = [sys.executable, "-m", "vetd.scanproc", "--config", self._config_path,
                 "--gfd", str(self._gfd), "--sock", str(theirs.fileno())]
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in it
-        pid = os.fork()
-        if pid == 0:
-            try:
-                prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-                if os.getppid() != parent:
-                    os._exit(0)
-                os.close(w)
-                os.read(r, 1)
-                os.set_inheritable(self._gfd, True)
-                os.set_inheritable(theirs.fileno(), True)
-                os.execv(argv[0], argv)
-            finally:
-                os._exit(127)
-        os.close(r)
+        pid = spawn_own(argv, self._register, keep_fds=(self._gfd, theirs.fileno()),
+                        die_with_parent=True)
         theirs.close()
-        self._register(pid, True)
-        os.write(w, b"g")
-        os.close(w)
         slot.sock, slot.pid, slot.dead, slot.jobs = ours, pid, False, {}
         with self._lock:
             self._by_fd[ours.fileno()] = slot
