@@ -552,23 +552,17 @@ class Daemon:
             # wakes the opener, whose next event is then read by this thread, not a standby.
             p.watcher = 0
             self._relay.end_scan()
-        if mark:
+        if mark:  # a clean allow, never logged: the fd may close with it
             fd, st = p.fd, p.obj.stat
             p.delivered = self._allow_marked(fd, p.state.perm_mask, st.st_mtime_ns, st.st_ctime_ns,
                                              st.st_size)
             p.fd = p.obj.fd = -1  # closed: nothing may read through that number again
-            self.stats.answered(True, reason, degraded)
-            return True
-        if allow:
-            response = fan.FAN_ALLOW
         elif rule is not None:
-            response = p.state.rule_responses.get(rule.number, p.state.deny_response)
-        else:
-            response = p.state.deny_response
-        if rule is not None:
+            response = (fan.FAN_ALLOW if allow
+                        else p.state.rule_responses.get(rule.number, p.state.deny_response))
             p.delivered = self.group.respond(p.fd, response, audit=True, rule_number=rule.number)
         else:
-            p.delivered = self.group.respond(p.fd, response)
+            p.delivered = self.group.respond(p.fd, fan.FAN_ALLOW if allow else p.state.deny_response)
         self.stats.answered(allow, reason, degraded)
         if not allow:
             log.warning("deny %s %s by %s: %s", p.op, p.obj.display_path, p.subject.describe(),
@@ -824,7 +818,7 @@ class Daemon:
         instead (an unhealthy plugin whose policy denies, a full backlog, no live process).
         The plan skips unhealthy plugins as _scan does; the scan process may answer a clean
         file itself only when nothing was skipped (else the answer is the degraded one)."""
-        st, obj = p.state, p.obj
+        st = p.state
         sp = self.scanprocs
         assert sp is not None
         if sp.in_flight() >= st.config.scan.backlog:
@@ -837,10 +831,8 @@ class Daemon:
         for plugin in st.plugins:
             name = plugin.name
             if not st.breakers[name].allow(now):
-                self._plugin_stats(name).skipped += 1
-                if not st.policy.answer("unhealthy", obj.path if st.policy.needs_path() else None, name):
+                if not self._skip_unhealthy(p, name, self._plugin_stats(name)):
                     p.handed_off = False
-                    self._answer_by_policy(p, "unhealthy", "skipped while unhealthy", name)
                     return False
                 degraded = ("unhealthy", name, "skipped while unhealthy")
                 continue
@@ -853,6 +845,16 @@ class Daemon:
             return True
         p.handed_off = False
         self._answer_by_policy(p, "error", "no scan process is running")
+        return False
+
+    def _skip_unhealthy(self, p: Pending, name: str, stats: PluginStats) -> bool:
+        """A plugin whose breaker is open is skipped: True to go on without it (the answer will
+        be the degraded one), False if its policy denied the event here and now."""
+        stats.skipped += 1
+        pol = p.state.policy
+        if pol.answer("unhealthy", p.obj.path if pol.needs_path() else None, name):
+            return True
+        self._answer_by_policy(p, "unhealthy", "skipped while unhealthy", name)
         return False
 
     def _plugin_stats(self, name: str) -> PluginStats:
@@ -1000,9 +1002,7 @@ class Daemon:
             breaker = st.breakers[name]
             now = time.monotonic()
             if not breaker.allow(now):
-                stats.skipped += 1
-                if not st.policy.answer("unhealthy", obj.path if st.policy.needs_path() else None, name):
-                    self._answer_by_policy(p, "unhealthy", "skipped while unhealthy", name)
+                if not self._skip_unhealthy(p, name, stats):
                     return
                 degraded = ("unhealthy", name, "skipped while unhealthy")
                 continue

@@ -51,14 +51,13 @@ STUCK_GRACE_S = 2.0      # a job this much past its deadline means a hung scan p
 
 
 class _Slot:
-    __slots__ = ("sock", "pid", "jobs", "dead", "draining")
+    __slots__ = ("sock", "pid", "jobs", "dead")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.pid = 0
         self.jobs: dict[int, tuple[object, float]] = {}  # job id -> (pending event, deadline)
         self.dead = True
-        self.draining = False
 
 
 class ScanProcesses:
@@ -77,9 +76,8 @@ class ScanProcesses:
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
         self._draining: list[_Slot] = []
-        self._ids = 0
         self.restarts = 0
-        self.jobs = 0
+        self.jobs = 0  # sent so far; also each job's id
         self._ep = select.epoll()
         self._by_fd: dict[int, _Slot] = {}
         self._stopping = False
@@ -110,9 +108,7 @@ class ScanProcesses:
         self._count = count
         with self._lock:
             old, self._slots = self._slots, []
-            for slot in old:
-                slot.draining = True
-                self._draining.append(slot)
+            self._draining.extend(old)
         for _ in range(self._count):
             slot = _Slot()
             self._spawn(slot)
@@ -158,10 +154,9 @@ class ScanProcesses:
             if not live:
                 return False
             slot = min(live, key=lambda s: len(s.jobs))
-            self._ids += 1
-            jid = self._ids
-            slot.jobs[jid] = (p, deadline)
             self.jobs += 1
+            jid = self.jobs
+            slot.jobs[jid] = (p, deadline)
         body = HEADER.pack(jid, fd, int(mark_ok), mask, deadline) + json.dumps(
             {"plan": plan, "answer": may_answer, "pid": pid}).encode()
         try:
