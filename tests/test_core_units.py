@@ -75,11 +75,20 @@ def test_defaults_parse():
     ("[daemon]\nbusy_poll_us = 5000", "[daemon] busy_poll_us: must be at least 0 and at most 1000"),
     ("[daemon]\nbusy_poll_us = -1", "[daemon] busy_poll_us: must be at least 0"),
     ("[scan]\nprocesses = 65", "[scan] processes: must be at least 0 and at most 64"),
+    ("[daemon]\nreaders = 0", "[daemon] readers: must be at least 1"),
+    ("[daemon]\nreaders = 2\n[scan]\nprocesses = 1", "cannot be combined with [daemon] readers = 2"),
+    ("[daemon]\nreaders = 2\n[plugins.yara]\nisolation = 'process'",
+     "[plugins.yara] isolation = \"process\" cannot be combined"),
 ])
 def test_bad_config_names_file_key_and_reason(text, needle):
     with pytest.raises(cfg.ConfigError) as e:
         cfg.parse(text, "/etc/vetd/x.toml")
     assert "/etc/vetd/x.toml" in str(e.value) and needle in str(e.value)
+
+
+def test_readers_default_to_one():
+    assert cfg.parse("").daemon.readers == 1
+    assert cfg.parse("[daemon]\nreaders = 3").daemon.readers == 3
 
 
 def test_sizes_and_uids():
@@ -563,3 +572,53 @@ def test_time_left_is_the_cap_or_less_and_never_negative(tmp_path):
         assert sf.time_left(4.0) == 0.0
     finally:
         os.close(fd)
+
+
+# --- reader processes: what crosses between them ---------------------------------------------------
+def test_exec_notes_cross_between_readers_in_order():
+    from vetd.readers import Peers, peer_pipes
+    pipes = peer_pipes(3)
+    a = Peers(pipes[0][0], [pipes[1][1], pipes[2][1]])
+    b = Peers(pipes[1][0], [pipes[0][1], pipes[2][1]])
+    big = (2049 << 64) | 123456789
+    a.tell_exec(41, big)
+    a.tell_exec(42, 7)
+    assert b.drain() == [(41, big), (42, 7)]
+    assert b.drain() == []
+    assert Peers(pipes[2][0], []).drain() == [(41, big), (42, 7)]
+    assert a.drain() == [] and a.sent == 2 and a.dropped == 0
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_exec_note_to_a_full_pipe_is_counted_not_raised():
+    from vetd.readers import Peers, peer_pipes
+    (r, w), = peer_pipes(1)
+    p = Peers(-1, [w])
+    for n in range(5000):  # 20 bytes each: more than a 64 KiB pipe holds
+        p.tell_exec(n, n)
+    assert p.dropped > 0 and p.sent == 5000
+    os.close(r)
+    os.close(w)
+
+
+def test_reader_status_sums_counters_and_keeps_settings():
+    from vetd.readers import merge_status
+    mine = {"pid": 1, "answers": {"allow": 3, "deny": 1, "by_reason": {"scan": 4}},
+            "cache": {"entries": 2, "hit_rate": 0.5, "generation": 4},
+            "backlog": {"limit": 10, "depth": 1, "read_loop": "waiting"},
+            "hot_path": {"busy_poll": {"max_us": 100, "spent_s": 0.25}},
+            "plugins": [{"name": "yara", "health": "closed", "scans": 5, "failures_in_a_row": 0}]}
+    theirs = {"pid": 2, "answers": {"allow": 4, "deny": 0, "by_reason": {"scan": 2, "cache": 2}},
+              "cache": {"entries": 5, "hit_rate": 0.9, "generation": 4},
+              "backlog": {"limit": 10, "depth": 2, "read_loop": "working"},
+              "hot_path": {"busy_poll": {"max_us": 100, "spent_s": 0.5}},
+              "plugins": [{"name": "yara", "health": "open", "scans": 1, "failures_in_a_row": 6}]}
+    merge_status(mine, theirs)
+    assert mine["pid"] == 1
+    assert mine["answers"] == {"allow": 7, "deny": 1, "by_reason": {"scan": 6, "cache": 2}}
+    assert mine["cache"] == {"entries": 7, "hit_rate": 0.5, "generation": 4}
+    assert mine["backlog"] == {"limit": 10, "depth": 3, "read_loop": "waiting"}
+    assert mine["hot_path"]["busy_poll"] == {"max_us": 100, "spent_s": 0.75}
+    assert mine["plugins"] == [{"name": "yara", "health": "open", "scans": 6, "failures_in_a_row": 6}]

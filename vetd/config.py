@@ -48,6 +48,7 @@ class DaemonConfig:
     log_level: str = "info"
     status_interval_s: float = 5.0
     busy_poll_us: int = 100
+    readers: int = 1
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ def parse(text: str, file: str = "<config>") -> Config:
         log_level=d.string("log_level", dd.log_level, choices=LOG_LEVELS),
         status_interval_s=d.number("status_interval_s", dd.status_interval_s, minimum=0.5),
         busy_poll_us=d.integer("busy_poll_us", dd.busy_poll_us, minimum=0, maximum=1000),
+        readers=d.integer("readers", dd.readers, minimum=1, maximum=64),
     )
     if not daemon.socket.startswith("/"):
         raise ConfigError(f"{d.where('socket')}: {daemon.socket!r} is not an absolute path")
@@ -326,6 +328,12 @@ def parse(text: str, file: str = "<config>") -> Config:
             failure_threshold=hp.integer("failure_threshold", 5, minimum=1),
             retry_after_s=hp.number("retry_after_s", 30.0))
         plugins[name] = dict(table)
+        if daemon.readers > 1 and table.get("isolation") == "process" and table.get("enabled", True):
+            raise ConfigError(f"{file}: [plugins.{name}] isolation = \"process\" cannot be combined "
+                              f"with [daemon] readers = {daemon.readers} (yet): set one of them back")
+    if daemon.readers > 1 and scan.processes:
+        raise ConfigError(f"{file}: [scan] processes = {scan.processes} cannot be combined with "
+                          f"[daemon] readers = {daemon.readers}: both use the second core; choose one")
     return Config(file, daemon, scan, cache, exclude, plugins, policies, degraded, rules_dir)
 
 

@@ -37,6 +37,7 @@ from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
 from .procwatch import Proc, ProcWatch
+from .readers import RELOAD_TIMEOUT_S, Peers, Readers, merge_status, peer_pipes
 from .relay import ReadRelay
 from .notify import Notifier
 from .degraded import Breaker, Policy
@@ -192,6 +193,8 @@ class Stats:
         self.overflows = 0
         self.memo_clears = 0            # remembered outcomes dropped (a move, a mount change)
         self.ignore_flushes = 0         # kernel ignore marks dropped because a path rule may care
+        self.exec_notes_in = 0          # exec events other readers read ([daemon] readers)
+        self.exec_paired_from_notes = 0  # opens judged as part of an exec another reader read
         # answered by vetd._hotpath from FastAnswers tables, folded in by fold_table()
         self.table_answers = 0
         self.table_by_reason: dict[str, int] = {}
@@ -254,15 +257,24 @@ def build_state(config: Config, features: fan.Features, accepts_errno: Callable[
 
 
 class Daemon:
-    def __init__(self, config: Config, *, reload_source: Callable[[], Config] | None = None):
+    def __init__(self, config: Config, *, reload_source: Callable[[], Config] | None = None,
+                 group: fan.Group | None = None, peers: Peers | None = None):
+        """`group` and `peers` are given to a reader process ([daemon] readers, vetd/readers.py):
+        it reads the first process's group and leaves its marks, control socket and sd_notify
+        to it."""
         self.started = time.monotonic()
+        self._child = group is not None
+        # Fixed for the life of the process: a reload that changes it says it needs a restart.
+        self.readers_n = config.daemon.readers
+        self.readers: Readers | None = None   # the other reader processes (the first one's)
+        self.exit_code = 0
         self.config_path = config.path
         self._reload_source = reload_source or (lambda: load_config(self.config_path))
         self._watch_override: tuple[str, ...] | None = None
         self.stats = Stats()
         self.plugin_stats: dict[str, PluginStats] = {}
         self.cache = VerdictCache(config.cache.entries)
-        self.own_pids = frozenset({os.getpid()})
+        self.own_pids = frozenset({os.getpid(), os.getppid()} if self._child else {os.getpid()})
         self._pids_lock = threading.Lock()
         self._socket_path = config.daemon.socket
         self.notifier = Notifier()
@@ -284,6 +296,7 @@ class Daemon:
         self.marked: dict[int, mounts.Mount] = {}
         self.fstypes: dict[int, str] = {}   # st_dev -> filesystem type, of what is marked
         self._exec_opens: dict[int, int] = {}  # pid -> file key of its exec event (read loop only)
+        self._noted_execs: dict[int, int] = {}  # those of them another reader read
         self._inline: Pending | None = None  # the scan the baton holder will do itself
         ruleset = load_rules(config)
         # No pidfd per event: it cost about 2 us of the opener's time per open here (a kernel
@@ -291,11 +304,23 @@ class Daemon:
         # event is pending, so its pid cannot be reused unless it is SIGKILLed, and then the
         # kernel drops the event: /proc/PID is safe to read without one. A kill opens a pidfd
         # itself and proves it names the opener (see _kill_and_deny).
-        self.group = fan.Group.open(want_audit=True, want_pidfd=False)
+        self.group = group if group is not None else fan.Group.open(want_audit=True, want_pidfd=False)
         self._gfd = self.group.fd
+        # Several readers: each has its own close-write group and exec notes (vetd/readers.py).
+        self.changes: fan.ChangeGroup | None = None
+        self._change_marked: dict[int, mounts.Mount] = {}
+        self.peers = peers
+        self._peer_pipes: list[tuple[int, int]] = []
+        if self.readers_n > 1:
+            self.changes = fan.ChangeGroup.open()
+            if peers is None:
+                self._peer_pipes = peer_pipes(self.readers_n)
+                self.peers = Peers(self._peer_pipes[0][0], [w for _r, w in self._peer_pipes[1:]])
         # Whoever holds the relay's baton reads and decides (see _reader_main); the rest of
         # the read loop's state is its holder's alone.
-        self._relay = ReadRelay(self.group.fd, READ_THREADS)
+        # With other readers the standby takes over only from a scan that seems stuck (they
+        # read meanwhile): watching for waiting events would wake it at most scans.
+        self._relay = ReadRelay(self.group.fd, READ_THREADS, watch=self.readers_n == 1)
         log.info("fanotify %s", self.group.features.describe())
         for note in self.group.features.notes:
             log.warning("%s", note)
@@ -334,8 +359,9 @@ class Daemon:
         self.scanprocs: ScanProcesses | None = None  # [scan] processes (started by run())
         self.rescans = Rescanner(config.degraded.rescan_queue, self._rescan,
                                  lambda: self.pool.depth == 0 and self.pool.busy == 0)
-        self.control = ControlServer(config.daemon.socket, {"status": self._status_cmd,
-                                                            "reload": self._reload_cmd})
+        self.control = (ControlServer(config.daemon.socket, {"status": self._status_cmd,
+                                                             "reload": self._reload_cmd})
+                        if not self._child else None)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._mountinfo = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept for poll)
         # The read loop's own: poll() on mountinfo reports a change once per open file.
@@ -417,6 +443,7 @@ class Daemon:
                 self._answer_sets.append((answers, st.rules.hits))
         self.state = st
         self._flags[FLAG_POLL_MAX_NS] = st.config.daemon.busy_poll_us * 1000
+        self._relay.takeover_s = max(0.005, min(0.05, st.deadline_s / 10))
         self._flags[FLAG_SERIAL] += 1
         if old is not None and old.answers is not None and old.answers is not answers:
             # Cleared, nothing more can be answered from it (the C loop looks entries up holding
@@ -479,17 +506,23 @@ class Daemon:
         per_mount = cfg.mark == "mount"
         kind = fan.FAN_MARK_MOUNT if per_mount else fan.FAN_MARK_FILESYSTEM
         plan = mounts.plan_marks(mounts.read_mountinfo(), cfg.watch, st.config.exclude.fs_types, per_mount)
-        mask = st.perm_mask | fan.FAN_CLOSE_WRITE
+        # With several readers close-writes come through each one's own change group instead.
+        mask = st.perm_mask | (fan.FAN_CLOSE_WRITE if self.changes is None else 0)
         wanted = {(m.mount_id if per_mount else m.dev): m for m in plan.mounts}
+        self._sync_change_marks(wanted, kind)  # before new permission marks: no write unseen
         for key, m in list(self.marked.items()):
             if key not in wanted:
                 try:
-                    self.group.unmark(m.mount_point, mask, kind=kind)
+                    if not self._child:  # a reader process follows the first one's marks
+                        self.group.unmark(m.mount_point, mask, kind=kind)
                 except OSError:
                     pass  # gone with its mount
                 del self.marked[key]
         for key, m in wanted.items():
             if key in self.marked:
+                continue
+            if self._child:
+                self.marked[key] = m
                 continue
             try:
                 self.group.mark(m.mount_point, mask, kind=kind)
@@ -503,6 +536,61 @@ class Daemon:
         self._sync_move_marks()
         if plan.scope != st.exclusions.scope:
             self._install_state(replace(st, exclusions=Exclusions(st.config.exclude, plan.scope)))
+
+    def _sync_change_marks(self, wanted: dict[int, mounts.Mount], kind: int) -> None:
+        """This process's change group covers what the permission group covers."""
+        changes = self.changes
+        if changes is None:
+            return
+        for key in list(self._change_marked):
+            if key not in wanted:
+                try:
+                    changes.unmark(self._change_marked.pop(key).mount_point, kind=kind)
+                except OSError:
+                    pass
+        for key, m in wanted.items():
+            if key in self._change_marked:
+                continue
+            try:
+                changes.mark(m.mount_point, kind=kind)
+            except OSError as e:
+                log.warning("cannot watch writes on %s (%s): %s; its verdicts are checked against "
+                            "the file's version only", os.fsdecode(m.mount_point), m.fstype, e.strerror)
+                continue
+            self._change_marked[key] = m
+
+    def _changes_seen(self) -> None:
+        """Drop the verdicts of files closed after writing (this process's change group).
+        Called by the read loop before each batch, and by the housekeeper when no batch comes
+        (so the kernel's queue does not hold the files); both under the moves lock, with the
+        flag the C loop checks, as for moves."""
+        changes = self.changes
+        if changes is None:
+            return
+        with self._moves_lock:
+            changed, overflow = changes.drain()
+            for st in changed:
+                self.cache.invalidate(file_key(st))
+        self.stats.notification += len(changed)
+        if overflow:
+            self.stats.overflows += 1
+            log.error("change queue overflow: writes were not seen; cache flushed")
+            self.cache.bump_generation()
+
+    def _peers_seen(self) -> None:
+        """Exec events other readers read: the open that completes each is part of the exec."""
+        peers = self.peers
+        if peers is None:
+            return
+        with self._moves_lock:
+            for pid, key in peers.drain():
+                if len(self._exec_opens) > 4096:
+                    self._exec_opens.clear()
+                if len(self._noted_execs) > 4096:
+                    self._noted_execs.clear()
+                self._exec_opens[pid] = key
+                self._noted_execs[pid] = key
+                self.stats.exec_notes_in += 1
 
     def _sync_move_marks(self) -> None:
         """Watch directory moves on every filesystem with permission marks (for the memo).
@@ -694,8 +782,12 @@ class Daemon:
             if len(self._exec_opens) > 4096:
                 self._exec_opens.clear()
             self._exec_opens[pid] = key
+            if self.peers is not None:  # before it is answered: the open comes after that
+                self.peers.tell_exec(pid, key)
             return "exec"
         if mask & fan.FAN_OPEN_PERM and self._exec_opens.pop(pid, None) == key:
+            if self._noted_execs and self._noted_execs.pop(pid, None) == key:
+                self.stats.exec_paired_from_notes += 1
             return "exec"
         return None
 
@@ -1156,8 +1248,17 @@ class Daemon:
             plugins = tuple(plugin_loader.load_all(cfg.plugins, self._isolate))
             new = self._build_state(cfg, 0, plugins, ruleset)
             msg = f"reloaded {cfg.path}"
+            if cfg.daemon.readers != self.readers_n:
+                msg += (f" ([daemon] readers = {cfg.daemon.readers} takes effect at the next start; "
+                        f"reading in {self.readers_n} now)")
         except Exception as e:
             msg = f"reload failed, keeping the running configuration: {e}"
+        if new is not None and self.readers is not None:
+            # The others load the same file themselves; one that cannot keeps its old state.
+            for k, reply in enumerate(self.readers.ask_all("reload", RELOAD_TIMEOUT_S), start=1):
+                result = str(reply.get("result", reply.get("error", "no answer")))
+                if not result.startswith("reloaded"):
+                    msg += f"; reader {k}: {result}"
         with self._reload_lock:
             self._reload_results.append((new, msg, done))
         self._wake()
@@ -1262,6 +1363,9 @@ class Daemon:
                          "busy_poll": self._busy_poll_status()},
             "rescan": {"queued": self.rescans.depth, "limit": st.config.degraded.rescan_queue,
                        "enabled": st.config.degraded.rescan},
+            "exec_notes": {"sent": self.peers.sent if self.peers is not None else 0,
+                           "dropped": self.peers.dropped if self.peers is not None else 0,
+                           "received": s.exec_notes_in, "paired": s.exec_paired_from_notes},
         }
 
     def _busy_poll_status(self) -> dict[str, Any]:
@@ -1292,9 +1396,32 @@ class Daemon:
                 "failures_in_a_row": br.failures, "trips": br.trips}
 
     def _status_cmd(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.status()
+        return self._all_status()
+
+    def _all_status(self) -> dict[str, Any]:
+        """status(), with the other readers' counters added in (and a word on each)."""
+        mine = self.status()
+        if self.readers is None:
+            return mine
+        each = [{"pid": os.getpid(), "allow": mine["answers"]["allow"], "deny": mine["answers"]["deny"],
+                 "generation": mine["config"]["generation"]}]
+        for c, theirs in zip(self.readers.children, self.readers.ask_all("status")):
+            if "answers" not in theirs:
+                each.append({"pid": c.pid, "error": theirs.get("error", "no status")})
+                continue
+            merge_status(mine, theirs)
+            each.append({"pid": c.pid, "allow": theirs["answers"]["allow"],
+                         "deny": theirs["answers"]["deny"],
+                         "generation": theirs["config"]["generation"]})
+        cache = mine["cache"]
+        total = cache["hits"] + cache["misses"]
+        cache["hit_rate"] = round(cache["hits"] / total, 4) if total else 0.0
+        mine["readers"] = each
+        return mine
 
     def status_line(self) -> str:
+        if self.readers is not None:
+            return self._status_line_of(self._all_status())
         self._fold_answers()
         s = self.stats
         degraded = sum(s.degraded.values())
@@ -1304,6 +1431,16 @@ class Daemon:
                 f"{s.deny} denied, {degraded} degraded; "
                 f"cache {self._hit_rate(s.table_by_reason.get('cache', 0)):.0%} hits, {s.kernel_marks} kernel marks; "
                 f"backlog {self.pool.depth}{health}")
+
+    @staticmethod
+    def _status_line_of(s: dict[str, Any]) -> str:
+        """The service status line from a (summed) status: the same words as status_line."""
+        sick = [p["name"] for p in s["plugins"] if p["health"] != Breaker.CLOSED]
+        health = f"; UNHEALTHY: {', '.join(sick)}" if sick else ""
+        return (f"{s['events']['permission']} events: {s['answers']['allow']} allowed, "
+                f"{s['answers']['deny']} denied, {sum(s['degraded'].values())} degraded; "
+                f"cache {s['cache']['hit_rate']:.0%} hits, {s['cache']['kernel_marks']} kernel marks; "
+                f"backlog {s['backlog']['depth']}{health}; {len(s.get('readers', ()))} readers")
 
     # ------------------------------------------------------------------ the loop ----------------
     def _reader_busy(self) -> float:
@@ -1324,8 +1461,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        self.control.start()
+        self.control.start()  # type: ignore[union-attr]
         self._start_scan_processes(self.state.config)
+        try:
+            self._start_readers()
+        except Exception:
+            self._shutdown()
+            raise
         self._sync_marks()
         if not self.marked:
             log.warning("no filesystem is marked: nothing will be vetted (check [daemon] watch)")
@@ -1340,7 +1482,68 @@ class Daemon:
             log.info("stopping: removing the marks, answering what is pending; the kernel allows "
                      "whatever is left when the process exits")
             self._shutdown()
-        return 0
+        return self.exit_code
+
+    def run_reader(self, ready: Callable[[], None]) -> int:
+        """A reader process's life (vetd/readers.py): follow the marks, say ready, read until
+        told to stop. SIGHUP is the first process's: it passes reloads on."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._sync_marks()
+        ready()
+        log.info("reading with %d plugin(s): %s", len(self.state.plugins),
+                 ", ".join(p.name for p in self.state.plugins) or "none")
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _start_readers(self) -> None:
+        """[daemon] readers: start the other reader processes (from the main thread: they die
+        with it), wait until each is ready, and tell each which pids are vetd's own."""
+        if self.readers_n < 2 or self._child:
+            return
+        self.readers = Readers(self.readers_n, self.config_path, self._watch_override, self._gfd,
+                               self.group.features, self._peer_pipes, self._own_pid)
+        self._peer_pipes = []
+        self.readers.wait_ready()
+        pids = sorted(self.own_pids)
+        for reply in self.readers.ask_all("own", pids=pids):
+            if reply.get("ok") is not True:
+                raise RuntimeError(f"a reader did not take vetd's pids: {reply.get('error')}")
+        log.info("reading in %d processes: %s", self.readers_n,
+                 ", ".join(str(p) for p in [os.getpid(), *self.readers.pids]))
+
+    def _reader_died(self, child: object) -> None:
+        """A reader is gone, with whatever events it had read and not answered: nobody else can
+        answer them, and the kernel lets them through only once every holder of the group fd
+        is gone. So vetd stops (the others die with this process), and systemd starts it again."""
+        pid = getattr(child, "pid", 0)
+        log.critical("reader process %d died: stopping vetd so the kernel lets the opens it held "
+                     "through", pid)
+        self.exit_code = 1
+        self.stopping = True
+        self._flags[FLAG_STOP] = 1
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._flags[FLAG_STOP] = 1
+        self._wake()
+
+    def reload_and_wait(self, timeout_s: float) -> str:
+        """A reload asked for by the first process: this one's result, or why it failed."""
+        done: Future[str] = Future()
+        self.request_reload(done)
+        try:
+            return done.result(timeout=timeout_s)
+        except Exception as e:
+            return f"reload failed: {e}"
+
+    def set_sibling_pids(self, pids: list[int]) -> None:
+        with self._pids_lock:
+            self.own_pids = self.own_pids | {int(p) for p in pids}
 
     def _start_scan_processes(self, config: Config) -> None:
         """Start, resize or stop the scan processes for `config` (on the main thread: their
@@ -1637,6 +1840,10 @@ class Daemon:
                 continue
             if self.moves is not None and fd == self.moves.fd:
                 self._moves_seen(st)
+            elif self.changes is not None and fd == self.changes.fd:
+                self._changes_seen()
+            elif self.peers is not None and fd == self.peers.inbox:
+                self._peers_seen()
             elif st.memo is not None:  # mountinfo: a mount came, went or moved (a poll re-arms it)
                 self._forget_outcomes(st)
         if self._flags[FLAG_MOVES]:  # the housekeeper drained a move, may not have cleared yet
@@ -1679,6 +1886,11 @@ class Daemon:
             ep.register(self.moves.fd, select.EPOLLIN)
             ep.register(self._reader_mountinfo.fileno(), select.EPOLLPRI)
             n += 2
+        for fd in (self.changes.fd if self.changes is not None else -1,
+                   self.peers.inbox if self.peers is not None else -1):
+            if fd >= 0:  # other readers: writes and exec events before this batch
+                ep.register(fd, select.EPOLLIN)
+                n += 1
         self._side_ep = ep if n else None
         if not n:
             ep.close()
@@ -1755,6 +1967,16 @@ class Daemon:
         poller.register(self._mountinfo.fileno(), select.POLLPRI | select.POLLERR)
         if self.moves is not None:
             poller.register(self.moves.fd, select.POLLIN)
+        side = {}  # other readers' news, for when no batch comes to apply it
+        if self.changes is not None:
+            side[self.changes.fd] = self._changes_seen
+        if self.peers is not None:
+            side[self.peers.inbox] = self._peers_seen
+        for fd in side:
+            poller.register(fd, select.POLLIN)
+        exits = {c.pidfd: c for c in self.readers.children} if self.readers is not None else {}
+        for fd in exits:
+            poller.register(fd, select.POLLIN)
         watchdog_s = self.notifier.watchdog_interval()
         status_s = self.state.config.daemon.status_interval_s
         next_watchdog = next_status = time.monotonic()
@@ -1779,6 +2001,15 @@ class Daemon:
                             self._moves_seen(self.state)
                         finally:
                             self._flags[FLAG_MOVES] = 0
+                    elif fd in side:
+                        self._flags[FLAG_MOVES] = 1
+                        try:
+                            side[fd]()
+                        finally:
+                            self._flags[FLAG_MOVES] = 0
+                    elif fd in exits:
+                        poller.unregister(fd)
+                        self._reader_died(exits[fd])
                     else:
                         self._sync_marks()  # mount table changed
                 now = time.monotonic()
@@ -1805,8 +2036,10 @@ class Daemon:
 
     def _shutdown(self) -> None:
         # No new events from here on: interpreter shutdown may open files on this thread while
-        # the read loop can no longer run, and such an open would wait for ever.
-        self.group.flush_marks()
+        # the read loop can no longer run, and such an open would wait for ever. (A reader
+        # process leaves the marks to the first one, which may be reading on.)
+        if not self._child:
+            self.group.flush_marks()
         # Answer what the workers still hold by the timeout policy: the kernel would allow them
         # when the group closes anyway, but an answer says so in the log and the counters.
         with self._deadline_lock:
@@ -1819,7 +2052,10 @@ class Daemon:
         if self.scanprocs is not None:
             self.scanprocs.close()
         self.rescans.stop()
-        self.control.stop()
+        if self.readers is not None:
+            self.readers.stop()  # each answers what it holds, as this one just did
+        if self.control is not None:
+            self.control.stop()
         # The group fd is not closed here: the read loop may still be writing an answer to it,
         # and a closed fd number reused by the next open() would take that answer. Process
         # exit closes it, and the kernel then lets everything through.

@@ -397,3 +397,67 @@ class MoveGroup:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class ChangeGroup:
+    """A notification group of one process's own that reports files closed after writing.
+
+    With several reading processes (`[daemon] readers`) the permission group's own close-write
+    notifications would each reach one of them, and the others could answer a later open of
+    the file from a verdict cached before the write. Each process therefore has its own group,
+    marked like the permission group: the kernel queues the close-write in every one before
+    close() returns, so a process that drains its own group after reading a batch of
+    permission events, and before deciding them, has voided every verdict a write that
+    finished before those opens made stale. Events carry an fd (the kernel opens the file for
+    the reader); only its identity is read, and it is closed at once."""
+
+    MASK = FAN_CLOSE_WRITE
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buf = bytearray(64 * 1024)
+
+    @classmethod
+    def open(cls) -> "ChangeGroup":
+        # The default queue bound: a process that falls behind gets an overflow event and
+        # flushes its cache, rather than pinning an unbounded number of files.
+        fd = _fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_UNLIMITED_MARKS,
+                            EVENT_F_FLAGS)
+        return cls(_check(fd, "fanotify_init (changes)"))
+
+    def mark(self, path: str | bytes, *, kind: int = FAN_MARK_FILESYSTEM) -> None:
+        p = os.fsencode(path)
+        _check(_fanotify_mark(self.fd, FAN_MARK_ADD | kind, self.MASK, AT_FDCWD, p),
+               f"fanotify_mark changes {p.decode(errors='replace')}")
+
+    def unmark(self, path: str | bytes, *, kind: int = FAN_MARK_FILESYSTEM) -> None:
+        _fanotify_mark(self.fd, FAN_MARK_REMOVE | kind, self.MASK, AT_FDCWD, os.fsencode(path))
+
+    def drain(self) -> tuple[list[os.stat_result], bool]:
+        """Every queued change: the stat of each changed file, and whether the queue overflowed
+        (then what changed is unknown)."""
+        changed: list[os.stat_result] = []
+        overflow = False
+        buf = self._buf
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                return changed, overflow
+            if n <= 0:
+                return changed, overflow
+            for ev in parse_events(buf, n):
+                if ev.mask & FAN_Q_OVERFLOW:
+                    overflow = True
+                if ev.fd >= 0:
+                    try:
+                        changed.append(os.fstat(ev.fd))
+                    except OSError:
+                        pass
+                    finally:
+                        os.close(ev.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -36,10 +36,12 @@ class SafeFormatter(logging.Formatter):
         return stack_info
 
 
-def setup(level: str = "info") -> None:
-    """Log lines as systemd's journal likes them on stderr: a priority prefix, no timestamp."""
+def setup(level: str = "info", tag: str = "") -> None:
+    """Log lines as systemd's journal likes them on stderr: a priority prefix, no timestamp.
+    `tag` starts every message (a reader process names itself so)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: " + tag.replace("%", "%%")
+                                       + "%(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
