@@ -167,12 +167,18 @@ def _child_setup() -> None:
 
 
 def pin_all_threads(pid: int, cpus: set[int]) -> None:
-    """Move a running process and all its threads to `cpus`."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    """Move a running process, its child processes (vetd's readers, scan processes) and all
+    their threads to `cpus`."""
+    for proc in descendants(pid):
         try:
-            os.sched_setaffinity(int(tid), cpus)
+            tids = os.listdir(f"/proc/{proc}/task")
         except OSError:
-            pass  # a thread that just ended
+            continue  # a process that just ended
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass  # a thread that just ended
 
 
 class one_cpu:
@@ -441,6 +447,19 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def pss_kb(pid: int) -> int:
+    """A process's proportional set size: shared pages (the interpreter, libyara) counted once
+    across vetd's processes, where summed VmRSS/VmHWM would count them once per process."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def descendants(pid: int) -> list[int]:
     todo, seen = [pid], []
     while todo:
@@ -630,6 +649,7 @@ class Vetd:
         return {"main_hwm_kb": status_kb(self.pid, "VmHWM"),
                 "main_rss_kb": status_kb(self.pid, "VmRSS"),
                 "tree_hwm_kb": sum(status_kb(p, "VmHWM") for p in pids),
+                "tree_pss_kb": sum(pss_kb(p) for p in pids),
                 "processes": len(pids),
                 "threads": int(os.listdir(f"/proc/{self.pid}/task").__len__()) if os.path.exists(f"/proc/{self.pid}") else 0}
 
@@ -766,7 +786,7 @@ def toml_dump(doc: dict, prefix: tuple[str, ...] = ()) -> str:
 
 def vetd_config(base: dict, mnt: str, control: str, kernel_cache: bool, rules_dir: str | None,
                 workers: int | None, extra_deny: str | None, cache_entries: int | None,
-                processes: int | None = None) -> str:
+                processes: int | None = None, readers: int | None = None) -> str:
     """The shipped default config with only what the bench must change: watch (the bench tmpfs
     only), socket (a temp dir), kernel_cache, the rules dir, and an extra hash list for the
     bench's own listed-bad blob. Everything else, the plugin tables first, is the default's."""
@@ -779,6 +799,8 @@ def vetd_config(base: dict, mnt: str, control: str, kernel_cache: bool, rules_di
         doc.setdefault("scan", {})["workers"] = workers
     if processes is not None:
         doc.setdefault("scan", {})["processes"] = processes
+    if readers is not None:
+        daemon["readers"] = readers
     if cache_entries:
         doc.setdefault("cache", {})["entries"] = cache_entries
     if rules_dir is not None:
@@ -907,6 +929,10 @@ def rss_scenario(args, work, extra, instance, config_for, vmeasure) -> None:
                  "kernel_marks": (stt.get("cache") or {}).get("kernel_marks"),
                  "vmrss_mb": round(now["main_rss_kb"] / 1024, 1),
                  "vmhwm_mb": round(now["main_hwm_kb"] / 1024, 1),
+                 # every vetd process (readers, scan processes): their peaks summed (an upper
+                 # bound: shared pages count once per process) and their PSS now
+                 "tree_vmhwm_mb": round(now["tree_hwm_kb"] / 1024, 1),
+                 "tree_pss_mb": round(now["tree_pss_kb"] / 1024, 1),
                  "vmrss_at_ready_mb": round(ready["main_rss_kb"] / 1024, 1),
                  "processes": now["processes"], "threads": now["threads"],
                  "tree_build_s": round(build_s, 1), "pass_s": round(s["ops"] / s["opens_per_s"], 1),
@@ -915,7 +941,9 @@ def rss_scenario(args, work, extra, instance, config_for, vmeasure) -> None:
             r["cache_full"] = bool(r["cache_entries"] and r["cache_entries"] >= 0.99 * n)
             extra["rss_100k"] = r
             log(f"  cache entries {r['cache_entries']}, VmRSS {r['vmrss_mb']} MiB, "
-                f"VmHWM {r['vmhwm_mb']} MiB (at READY {r['vmrss_at_ready_mb']} MiB)")
+                f"VmHWM {r['vmhwm_mb']} MiB (at READY {r['vmrss_at_ready_mb']} MiB); "
+                f"{r['processes']} process(es): VmHWM summed {r['tree_vmhwm_mb']} MiB, "
+                f"PSS {r['tree_pss_mb']} MiB")
             if not r["cache_full"]:
                 raise BenchError(f"the userspace cache holds {r['cache_entries']} entries, not ~{n}")
 
@@ -940,6 +968,8 @@ def main() -> int:
                     help="vetd [scan] workers (default: conf/vetd.toml's)")
     ap.add_argument("--processes", type=int, default=None,
                     help="[scan] processes for every vetd instance (default: the shipped config's)")
+    ap.add_argument("--readers", type=int, default=None,
+                    help="[daemon] readers for every vetd instance (default: the shipped config's)")
     ap.add_argument("--rules", type=int, default=200,
                     help="access rules for vetd_warm_userspace (default 200)")
     ap.add_argument("--no-rss", action="store_true", help="skip vetd_rss_100k")
@@ -1063,6 +1093,8 @@ def main() -> int:
                                    "scan_workers": args.workers or base.get("scan", {}).get("workers"),
                                    "scan_processes": (args.processes if args.processes is not None
                                                       else base.get("scan", {}).get("processes", 0)),
+                                   "readers": (args.readers if args.readers is not None
+                                               else base.get("daemon", {}).get("readers", 1)),
                                    "plugins": [n for n, t in base.get("plugins", {}).items()
                                                if t.get("enabled", True)],
                                    "repo_paths": [os.path.relpath(p, REPO) for p in rewritten]}
@@ -1090,7 +1122,7 @@ def main() -> int:
             def config_for(target, kernel_cache, rules, cache_entries=None):
                 return lambda control: vetd_config(base, target, control, kernel_cache, rules,
                                                    args.workers, extra_deny, cache_entries,
-                                                   args.processes)
+                                                   args.processes, args.readers)
 
             def instance(name, make_config, body, scen_names, target=(mnt, st.st_dev, mnt_id),
                          role="latency", **facts):
@@ -1285,9 +1317,12 @@ def targets(res: dict, two: dict, rss: dict | None) -> dict:
         "vetd_cold_2_openers_speedup": target(
             "2 openers on a cold tree >= 1.4 x the opens/s of one",
             round(c2 / c1, 2) if c1 and c2 else None, 1.4, False),
-        "vetd_rss_mb": target("vetd VmHWM <= 80 MiB with 100,000 cached verdicts",
-                              rss.get("vmhwm_mb") if rss and rss["cache_entries"] >= 99_000 else None,
-                              80, True),
+        # All of vetd's processes: with readers or scan processes, their VmHWM summed (an upper
+        # bound; the per-process peaks need not coincide and shared pages count per process).
+        "vetd_rss_mb": target("vetd VmHWM <= 80 MiB with 100,000 cached verdicts (summed over "
+                              "its processes)",
+                              rss.get("tree_vmhwm_mb", rss.get("vmhwm_mb"))
+                              if rss and rss["cache_entries"] >= 99_000 else None, 80, True),
     }
 
 
@@ -1330,7 +1365,8 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
         c = extra["config"]
         print(f"vetd config: {c['from']} with /etc/vetd/ -> conf/ (plugins: {', '.join(c['plugins'])}); "
               f"watch = the bench tmpfs; + the bench's listed-bad hash; [scan] workers "
-              f"{c.get('scan_workers')}, processes {c.get('scan_processes')}")
+              f"{c.get('scan_workers')}, processes {c.get('scan_processes')}; [daemon] readers "
+              f"{c.get('readers')}")
     if extra.get("rules"):
         r = extra["rules"]
         print(f"rules for vetd_warm_userspace: {r['rules']} in {len(r['files'])} files, "
@@ -1415,7 +1451,9 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
         print(f"vetd_rss_100k: {rss['files']} files of {rss['file_bytes']} B, one cold pass in {rss['pass_s']} s "
               f"(p50 {rss['cold_64b']['p50_us']} us, {rss['cold_64b']['opens_per_s']:.0f} files/s), "
               f"kernel_cache=true; cache entries {rss['cache_entries']}; VmRSS {rss['vmrss_mb']} MiB, "
-              f"VmHWM {rss['vmhwm_mb']} MiB (VmRSS at READY {rss['vmrss_at_ready_mb']} MiB)")
+              f"VmHWM {rss['vmhwm_mb']} MiB (VmRSS at READY {rss['vmrss_at_ready_mb']} MiB); "
+              f"{rss.get('processes', 1)} process(es): VmHWM summed {rss.get('tree_vmhwm_mb')} MiB, "
+              f"PSS {rss.get('tree_pss_mb')} MiB")
     kb = extra.get("known_bad", {})
     bad_rows = {k: c for k, c in kb.items() if c["expected"]}
     if bad_rows:
@@ -1444,7 +1482,7 @@ def report(res, two, errors, vetd_runs, extra, args, elapsed) -> None:
     for name in ("vetd_cold_rules", "vetd_cold_no_kernel_cache", "baseline_end"):
         if name in res:
             out[name] = with_ratio(res[name], base)
-    out["vetd_rss_mb"] = rss.get("vmhwm_mb") if rss else None
+    out["vetd_rss_mb"] = rss.get("tree_vmhwm_mb", rss.get("vmhwm_mb")) if rss else None
     out["vetd_rss_100k"] = rss
     out["vetd_peak_hwm_mb"] = peak_mb
     out["vetd_cpu_s"] = cpu_total

@@ -77,8 +77,6 @@ def test_defaults_parse():
     ("[scan]\nprocesses = 65", "[scan] processes: must be at least 0 and at most 64"),
     ("[daemon]\nreaders = 0", "[daemon] readers: must be at least 1"),
     ("[daemon]\nreaders = 2\n[scan]\nprocesses = 1", "cannot be combined with [daemon] readers = 2"),
-    ("[daemon]\nreaders = 2\n[plugins.yara]\nisolation = 'process'",
-     "[plugins.yara] isolation = \"process\" cannot be combined"),
 ])
 def test_bad_config_names_file_key_and_reason(text, needle):
     with pytest.raises(cfg.ConfigError) as e:
@@ -576,16 +574,19 @@ def test_time_left_is_the_cap_or_less_and_never_negative(tmp_path):
 
 # --- reader processes: what crosses between them ---------------------------------------------------
 def test_exec_notes_cross_between_readers_in_order():
-    from vetd.readers import Peers, peer_pipes
+    from vetd.readers import EXEC, NOT_OWN, OWN, Peers, peer_pipes
     pipes = peer_pipes(3)
     a = Peers(pipes[0][0], [pipes[1][1], pipes[2][1]])
     b = Peers(pipes[1][0], [pipes[0][1], pipes[2][1]])
     big = (2049 << 64) | 123456789
     a.tell_exec(41, big)
+    a.tell_own(99, True)
     a.tell_exec(42, 7)
-    assert b.drain() == [(41, big), (42, 7)]
+    a.tell_own(99, False)
+    notes = [(EXEC, 41, big), (OWN, 99, 0), (EXEC, 42, 7), (NOT_OWN, 99, 0)]
+    assert b.drain() == notes
     assert b.drain() == []
-    assert Peers(pipes[2][0], []).drain() == [(41, big), (42, 7)]
+    assert Peers(pipes[2][0], []).drain() == notes
     assert a.drain() == [] and a.sent == 2 and a.dropped == 0
     for r, w in pipes:
         os.close(r)
@@ -614,7 +615,9 @@ def test_reader_status_sums_counters_and_keeps_settings():
               "cache": {"entries": 5, "hit_rate": 0.9, "generation": 4},
               "backlog": {"limit": 10, "depth": 2, "read_loop": "working"},
               "hot_path": {"busy_poll": {"max_us": 100, "spent_s": 0.5}},
-              "plugins": [{"name": "yara", "health": "open", "scans": 1, "failures_in_a_row": 6}]}
+              "plugins": [{"name": "yara", "health": "open", "scans": 1, "failures_in_a_row": 6}],
+              "rules": {"hits": [{"rule": 1, "hits": 2}, {"rule": 3, "hits": 1}]}}
+    mine["rules"] = {"hits": [{"rule": 3, "hits": 4}]}
     merge_status(mine, theirs)
     assert mine["pid"] == 1
     assert mine["answers"] == {"allow": 7, "deny": 1, "by_reason": {"scan": 6, "cache": 2}}
@@ -622,3 +625,4 @@ def test_reader_status_sums_counters_and_keeps_settings():
     assert mine["backlog"] == {"limit": 10, "depth": 3, "read_loop": "waiting"}
     assert mine["hot_path"]["busy_poll"] == {"max_us": 100, "spent_s": 0.75}
     assert mine["plugins"] == [{"name": "yara", "health": "open", "scans": 6, "failures_in_a_row": 6}]
+    assert mine["rules"]["hits"] == [{"rule": 1, "hits": 2}, {"rule": 3, "hits": 5}]

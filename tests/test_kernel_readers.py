@@ -197,6 +197,25 @@ def test_a_clean_stop_stops_every_reader(tmpfs, vetd_factory):
     assert not os.path.exists(f"/proc/{child}")
 
 
+def test_each_reader_runs_its_own_isolated_plugin_processes(tmpfs, vetd_factory):
+    """isolation = "process" under readers: each reader has its own agent children (their pids
+    are every reader's own: a reader tells the others before the child runs)."""
+    (tmpfs / "e1.com").write_bytes(EICAR)
+    (tmpfs / "e2.com").write_bytes(EICAR)
+    v = vetd_factory([tmpfs])
+    v.write_config([tmpfs], TWO, f'[plugins.hashlist]\ndeny = ["{v.deny_list}"]\n'
+                                 'isolation = "process"\nprocesses = 1\n')
+    v.start()
+    pids = reader_pids(v)
+    for pid, name in zip(pids, ("e1.com", "e2.com")):
+        with only(v, pid):
+            assert open_as_child(tmpfs / name) == "EPERM"
+    kids = {pid: [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()
+                  if int(c) not in pids] for pid in pids}
+    assert all(kids[pid] for pid in pids), kids   # an agent process under each reader
+    assert v.status()["answers"]["deny"] == 2
+
+
 def test_readers_refuse_to_combine_with_scan_processes(tmpfs, vetd_factory):
     v = vetd_factory([tmpfs], extra=TWO + "\n[scan]\nprocesses = 1\n")
     r = subprocess.run([sys.executable, "-m", "vetd", "--config", str(v.config)], capture_output=True,

@@ -328,9 +328,6 @@ def parse(text: str, file: str = "<config>") -> Config:
             failure_threshold=hp.integer("failure_threshold", 5, minimum=1),
             retry_after_s=hp.number("retry_after_s", 30.0))
         plugins[name] = dict(table)
-        if daemon.readers > 1 and table.get("isolation") == "process" and table.get("enabled", True):
-            raise ConfigError(f"{file}: [plugins.{name}] isolation = \"process\" cannot be combined "
-                              f"with [daemon] readers = {daemon.readers} (yet): set one of them back")
     if daemon.readers > 1 and scan.processes:
         raise ConfigError(f"{file}: [scan] processes = {scan.processes} cannot be combined with "
                           f"[daemon] readers = {daemon.readers}: both use the second core; choose one")

@@ -37,7 +37,7 @@ from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
 from .procwatch import Proc, ProcWatch
-from .readers import RELOAD_TIMEOUT_S, Peers, Readers, merge_status, peer_pipes
+from .readers import EXEC, OWN, RELOAD_TIMEOUT_S, Peers, Readers, merge_status, peer_pipes
 from .relay import ReadRelay
 from .notify import Notifier
 from .degraded import Breaker, Policy
@@ -376,10 +376,13 @@ class Daemon:
         return IsolatedPlugin(name, self.config_path, runtime, int(table.get("processes", 2)),
                               self._own_pid)
 
-    def _own_pid(self, pid: int, add: bool) -> None:
-        """vetd's own processes are allowed at intake; the set is replaced whole (no lock)."""
+    def _own_pid(self, pid: int, add: bool, tell: bool = True) -> None:
+        """vetd's own processes are allowed at intake; the set is replaced whole (no lock).
+        Other readers are told (before the child runs: spawn_own registers it first)."""
         with self._pids_lock:
             self.own_pids = self.own_pids | {pid} if add else self.own_pids - {pid}
+        if tell and self.peers is not None:
+            self.peers.tell_own(pid, add)
 
     def _watch_processes_if_needed(self) -> None:
         """Remember openers' facts between events (procwatch) once a decision reads them."""
@@ -583,7 +586,10 @@ class Daemon:
         if peers is None:
             return
         with self._moves_lock:
-            for pid, key in peers.drain():
+            for kind, pid, key in peers.drain():
+                if kind != EXEC:  # another reader's own child (an isolated plugin's process)
+                    self._own_pid(pid, kind == OWN, tell=False)
+                    continue
                 if len(self._exec_opens) > 4096:
                     self._exec_opens.clear()
                 if len(self._noted_execs) > 4096:

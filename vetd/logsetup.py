@@ -38,10 +38,10 @@ class SafeFormatter(logging.Formatter):
 
 def setup(level: str = "info", tag: str = "") -> None:
     """Log lines as systemd's journal likes them on stderr: a priority prefix, no timestamp.
-    `tag` starts every message (a reader process names itself so)."""
+    `tag` ends every line (a reader process names itself so: the journal gives every line of
+    the stream the first process's pid)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: " + tag.replace("%", "%%")
-                                       + "%(message)s"))
+    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s" + tag.replace("%", "%%")))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

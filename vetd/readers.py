@@ -50,15 +50,18 @@ from .spawn import spawn_own
 
 log = logging.getLogger("vetd.readers")
 
-EXEC_NOTE = struct.Struct("=iQQ")  # pid, file key (high, low 64 bits)
+NOTE = struct.Struct("=biQQ")      # kind, pid, file key (high, low 64 bits; 0 but for exec)
+EXEC, OWN, NOT_OWN = 0, 1, 2        # an exec event; a pid that became, or stopped being, vetd's
 READY_TIMEOUT_S = 60.0             # a reader builds its plugins (YARA compiles) before it is ready
 ASK_TIMEOUT_S = 2.0                # a status question; a reload waits as long as reloads take
 RELOAD_TIMEOUT_S = 50.0           # within the control socket's 60 s for a reload
 
 
 class Peers:
-    """The exec notes between reader processes: one pipe per process, read by its owner,
-    written by every other (a note is one atomic write of less than PIPE_BUF)."""
+    """Notes between reader processes: one pipe per process, read by its owner, written by
+    every other (a note is one atomic write of less than PIPE_BUF). Exec events (see above),
+    and each process's own children (isolated plugins), whose opens every reader must take as
+    vetd's: a note is written before the child runs, so it precedes the child's first event."""
 
     def __init__(self, inbox: int, outboxes: Sequence[int]):
         self.inbox = inbox
@@ -67,26 +70,32 @@ class Peers:
         self.dropped = 0
 
     def tell_exec(self, pid: int, key: int) -> None:
-        note = EXEC_NOTE.pack(pid, key >> 64, key & 0xFFFF_FFFF_FFFF_FFFF)
         self.sent += 1
+        self._tell(NOTE.pack(EXEC, pid, key >> 64, key & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def tell_own(self, pid: int, own: bool) -> None:
+        self._tell(NOTE.pack(OWN if own else NOT_OWN, pid, 0, 0))
+
+    def _tell(self, note: bytes) -> None:
         for fd in self._out:
             try:
                 os.write(fd, note)
             except (BlockingIOError, BrokenPipeError):
                 self.dropped += 1  # a full pipe: that process judges the open as an open
 
-    def drain(self) -> list[tuple[int, int]]:
-        notes: list[tuple[int, int]] = []
+    def drain(self) -> list[tuple[int, int, int]]:
+        """(kind, pid, key) of every note waiting, in order."""
+        notes: list[tuple[int, int, int]] = []
         while True:
             try:
-                data = os.read(self.inbox, EXEC_NOTE.size * 512)
+                data = os.read(self.inbox, NOTE.size * 512)
             except BlockingIOError:
                 return notes
             if not data:
                 return notes
-            for off in range(0, len(data) - len(data) % EXEC_NOTE.size, EXEC_NOTE.size):
-                pid, hi, lo = EXEC_NOTE.unpack_from(data, off)
-                notes.append((pid, (hi << 64) | lo))
+            for off in range(0, len(data) - len(data) % NOTE.size, NOTE.size):
+                kind, pid, hi, lo = NOTE.unpack_from(data, off)
+                notes.append((kind, pid, (hi << 64) | lo))
 
 
 def peer_pipes(n: int) -> list[tuple[int, int]]:
@@ -218,7 +227,11 @@ class Readers:
 _NOT_SUMMED = frozenset({"pid", "uptime_s", "version", "mode", "config", "features", "marks",
                          "generation", "limit", "max_us", "window_us", "hit_rate", "workers",
                          "processes", "compiled", "enabled", "read_loop", "count", "files",
-                         "name", "health", "failures_in_a_row", "readers", "pids"})
+                         "name", "health", "failures_in_a_row", "readers", "pids", "rule"})
+
+
+# Lists of rows, matched up by this key: plugins by name, rule hits by rule number.
+_ROW_KEYS = {"plugins": "name", "hits": "rule"}
 
 
 def merge_status(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
@@ -236,16 +249,27 @@ def merge_status(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
                 else have + value
         elif isinstance(have, dict) and isinstance(value, dict):
             merge_status(have, value)
-        elif isinstance(have, list) and isinstance(value, list) and key == "plugins":
-            by_name = {p.get("name"): p for p in have if isinstance(p, dict)}
-            for p in value:
-                if isinstance(p, dict) and p.get("name") in by_name:
-                    mp = by_name[p["name"]]
-                    merge_status(mp, p)
-                    if p.get("health") != "closed":  # the worst health of any reader shows
-                        mp["health"] = p.get("health")
-                    mp["failures_in_a_row"] = max(mp.get("failures_in_a_row", 0),
-                                                  p.get("failures_in_a_row", 0))
+        elif isinstance(have, list) and isinstance(value, list) and key in _ROW_KEYS:
+            _merge_rows(have, value, _ROW_KEYS[key])
+
+
+def _merge_rows(have: list[Any], value: list[Any], ident: str) -> None:
+    by_id = {row.get(ident): row for row in have if isinstance(row, dict)}
+    for row in value:
+        if not isinstance(row, dict):
+            continue
+        mine = by_id.get(row.get(ident))
+        if mine is None:  # a rule only that reader has hit so far
+            have.append(dict(row))
+            by_id[row.get(ident)] = have[-1]
+            continue
+        merge_status(mine, row)
+        if "health" in row and row["health"] != "closed":  # the worst health of any reader
+            mine["health"] = row["health"]
+        if "failures_in_a_row" in row:
+            mine["failures_in_a_row"] = max(mine.get("failures_in_a_row", 0), row["failures_in_a_row"])
+    if ident == "rule":
+        have.sort(key=lambda r: r.get("rule", 0))
 
 
 # --------------------------------------------------------------------- a reader ------------------
@@ -260,7 +284,7 @@ def serve(args: argparse.Namespace) -> int:
         config = load(args.config)
         if args.watch:
             config = config.with_watch(tuple(args.watch))
-        setup(config.daemon.log_level, tag=f"[reader {args.index}] ")
+        setup(config.daemon.log_level, tag=f" (reader {args.index})")
         features = fan.Features(**json.loads(args.features))
         group = fan.Group(args.gfd, features)
         peers = Peers(args.inbox, [int(x) for x in args.outboxes.split(",") if x])
