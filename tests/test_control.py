@@ -543,6 +543,18 @@ def test_vetctl_status_names_the_scan_processes_only_when_there_are_some(sock_pa
         assert "scan_processes" not in out and "Scan processes" not in out
 
 
+def test_vetctl_status_shows_each_reader(sock_path, capsys):
+    readers = [{"pid": 41, "allow": 10, "deny": 1, "generation": 3},
+               {"pid": 42, "error": "reader 1 (pid 42) did not answer within 2s"}]
+    status = dict(STATUS, readers=readers)
+    with ControlServer(sock_path, {"status": lambda a: status}):
+        assert ctl.main(["--socket", sock_path, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "Readers: 2 processes read events; the counters above are their sums" in out
+    assert "0: PID 41: 10 allowed, 1 denied, generation 3" in out
+    assert "1: PID 42: reader 1 (pid 42) did not answer within 2s" in out
+
+
 def test_vetctl_socket_defaults_to_the_environment(server, sock_path, capsys, monkeypatch):
     monkeypatch.setenv("VETD_SOCKET", sock_path)
     assert ctl.main(["reload"]) == 0

@@ -216,6 +216,24 @@ def test_each_reader_runs_its_own_isolated_plugin_processes(tmpfs, vetd_factory)
     assert v.status()["answers"]["deny"] == 2
 
 
+def test_the_shipped_default_configuration_reads_in_two_processes(tmpfs, vetd_factory):
+    root = Path(__file__).resolve().parent.parent
+    (tmpfs / "e.com").write_bytes(EICAR)
+    (tmpfs / "fine.txt").write_text("fine\n")
+    v = vetd_factory([tmpfs])
+    v.config.write_text((root / "conf" / "vetd.toml").read_text()
+                        .replace("/etc/vetd/", f"{root}/conf/")
+                        .replace('"/run/vetd/control.sock"', f'"{v.socket}"'))
+    v.start("--watch", str(tmpfs))
+    st = v.status()
+    assert len(st["readers"]) == 2 and [p["name"] for p in st["plugins"]] == ["hashlist", "yara"]
+    for pid in reader_pids(v):
+        with only(v, pid):
+            assert open_as_child(tmpfs / "e.com") == "EPERM"
+            assert open_as_child(tmpfs / "fine.txt") == "OK"
+    assert v.status()["answers"]["deny"] == 2
+
+
 def test_readers_refuse_to_combine_with_scan_processes(tmpfs, vetd_factory):
     v = vetd_factory([tmpfs], extra=TWO + "\n[scan]\nprocesses = 1\n")
     r = subprocess.run([sys.executable, "-m", "vetd", "--config", str(v.config)], capture_output=True,

@@ -32,7 +32,7 @@ EXIT_USAGE = 2
 
 _ORDER = (
     "mode", "pid", "uptime_s", "config", "features", "marks", "events", "answers", "cache",
-    "degraded", "backlog", "plugins",
+    "degraded", "backlog", "readers", "plugins",
 )
 _LABELS = {"pid": "PID"}
 
@@ -210,11 +210,26 @@ def _render_backlog(backlog: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _render_readers(readers: list[Mapping[str, Any]]) -> list[str]:
+    """[daemon] readers: one line per reading process (the counters above are their sums)."""
+    if not readers:
+        return ["none"]
+    lines = [f"{len(readers)} processes read events; the counters above are their sums"]
+    for k, r in enumerate(readers):
+        if "error" in r:
+            lines.append(f"{k}: PID {r.get('pid')}: {r['error']}")
+        else:
+            lines.append(f"{k}: PID {r.get('pid')}: {r.get('allow', 0)} allowed, {r.get('deny', 0)} "
+                         f"denied, generation {r.get('generation')}")
+    return lines
+
+
 _RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "config": _render_config,
     "features": _render_features,
     "marks": _render_marks,
     "backlog": _render_backlog,
+    "readers": _render_readers,
 }
 
 
