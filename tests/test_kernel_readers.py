@@ -234,6 +234,93 @@ def test_the_shipped_default_configuration_reads_in_two_processes(tmpfs, vetd_fa
     assert v.status()["answers"]["deny"] == 2
 
 
+# --- degraded mode with readers: the fault tests of one process, per reader ---------------------
+def test_a_hung_plugin_in_every_reader_is_answered_at_its_deadline_and_reading_goes_on(
+        tmpfs, vetd_factory, plugin_site):
+    for name in ("slow1", "slow2", "quick"):
+        (tmpfs / name).write_text(name + "\n")
+    v = start(vetd_factory, tmpfs, '[scan]\ndeadline_ms = 500\non_timeout = "deny"\n',
+              pythonpath=plugin_site, plugins='[plugins.sleepy]\nonly = "slow"\nseconds = 60\n')
+    for pid, name in zip(reader_pids(v), ("slow1", "slow2")):
+        with only(v, pid):
+            t0 = time.monotonic()
+            assert open_as_child(tmpfs / name) == "EPERM"   # the policy, at the deadline
+            assert time.monotonic() - t0 < 0.5 + 2
+    # every reader's read thread is now inside the plugin for a minute: their standbys read
+    t0 = time.monotonic()
+    assert open_as_child(tmpfs / "quick") == "OK"
+    assert time.monotonic() - t0 < 2
+    st = v.status()
+    assert st["degraded"]["timeout"] == 2 and st["backlog"]["read_takeovers"] >= 1
+    assert v.proc.poll() is None
+
+
+@pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])
+def test_a_failing_plugin_is_answered_by_policy_in_every_reader(tmpfs, vetd_factory, plugin_site,
+                                                                policy, expected):
+    for name in ("a", "b"):
+        (tmpfs / name).write_text(name + "\n")
+    v = start(vetd_factory, tmpfs, f'[scan]\non_error = "{policy}"\n', pythonpath=plugin_site,
+              plugins="[plugins.raises]\n")
+    for pid, name in zip(reader_pids(v), ("a", "b")):
+        with only(v, pid):
+            assert open_as_child(tmpfs / name) == expected
+    st = v.status()
+    assert st["degraded"]["error"] == 2
+    assert next(p for p in st["plugins"] if p["name"] == "raises")["errors"] == 2
+
+
+def test_a_flood_beyond_the_backlog_is_answered_by_policy_at_once(tmpfs, vetd_factory, plugin_site):
+    """Each reader holds at most three opens here (one scanning inline, one on its worker, one
+    queued); the rest are refused at once by on_backlog, and the held ones are allowed at the
+    deadline."""
+    n = 12
+    for i in range(n):
+        (tmpfs / f"f{i}").write_text(f"{i}\n")
+    v = start(vetd_factory, tmpfs,
+              '[scan]\nworkers = 1\nbacklog = 1\ndeadline_ms = 3000\non_backlog = "deny"\n'
+              'on_timeout = "allow"\n', pythonpath=plugin_site, plugins="[plugins.sleepy]\nseconds = 30\n")
+    one = ("import errno, os, sys\ntry:\n    os.close(os.open(sys.argv[1], os.O_RDONLY)); print('OK')\n"
+           "except OSError as e:\n    print(errno.errorcode[e.errno])\n")
+    t0 = time.monotonic()
+    children = [subprocess.Popen([sys.executable, "-c", one, str(tmpfs / f"f{i}")],
+                                 stdout=subprocess.PIPE) for i in range(n)]
+    outs = [c.communicate(timeout=20)[0].decode().strip() for c in children]
+    assert time.monotonic() - t0 < 3 + 5              # the deadline, and the openers' start-up
+    assert outs.count("EPERM") >= n - 6 and outs.count("OK") >= 1, outs
+    assert outs.count("EPERM") + outs.count("OK") == n, outs
+    assert v.status()["degraded"]["backlog"] == outs.count("EPERM")
+    assert v.proc.poll() is None
+
+
+def test_a_stopped_reader_withholds_the_watchdog_until_it_answers_again(tmpfs, vetd_factory):
+    """A reader that is stopped or stuck holds the opens it read, and nobody else can answer
+    them: the first process stops telling systemd it is well, so systemd's watchdog ends the
+    service (and the kernel lets the opens through)."""
+    v = vetd_factory([tmpfs], extra=TWO, env={"WATCHDOG_USEC": "400000"}).start()
+    v.wait_message("WATCHDOG=1")
+    child = reader_pids(v)[1]
+    os.kill(child, signal.SIGSTOP)
+    try:
+        v.wait_log("a reader process has not answered for", timeout=15)
+        v.notify.setblocking(False)              # what was sent before that line: read it now
+        try:
+            while True:
+                v.messages.append(v.notify.recv(65536).decode())
+        except BlockingIOError:
+            pass
+        n = len(v.messages)
+        # two status lines (0.5 s apart; they still come, from what the reader said last) and
+        # no watchdog ping among what came with them (pings would come every 0.2 s)
+        first = v.wait_message("STATUS=", after=n)
+        v.wait_message("STATUS=", after=v.messages.index(first, n) + 1)
+        assert not any("WATCHDOG=1" in m for m in v.messages[n:]), v.messages[n:]
+        assert v.proc.poll() is None
+    finally:
+        os.kill(child, signal.SIGCONT)
+    v.wait_message("WATCHDOG=1", after=len(v.messages), timeout=15)
+
+
 def test_readers_refuse_to_combine_with_scan_processes(tmpfs, vetd_factory):
     v = vetd_factory([tmpfs], extra=TWO + "\n[scan]\nprocesses = 1\n")
     r = subprocess.run([sys.executable, "-m", "vetd", "--config", str(v.config)], capture_output=True,

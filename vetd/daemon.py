@@ -1410,14 +1410,17 @@ class Daemon:
     def _status_cmd(self, args: dict[str, Any]) -> dict[str, Any]:
         return self._all_status()
 
-    def _all_status(self) -> dict[str, Any]:
-        """status(), with the other readers' counters added in (and a word on each)."""
+    def _all_status(self, replies: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """status(), with the other readers' counters added in (and a word on each): asked now,
+        or `replies` they gave before."""
         mine = self.status()
         if self.readers is None:
             return mine
         each = [{"pid": os.getpid(), "allow": mine["answers"]["allow"], "deny": mine["answers"]["deny"],
                  "generation": mine["config"]["generation"]}]
-        for c, theirs in zip(self.readers.children, self.readers.ask_all("status")):
+        if replies is None:
+            replies = self.readers.ask_all("status")
+        for c, theirs in zip(self.readers.children, replies):
             if "answers" not in theirs:
                 each.append({"pid": c.pid, "error": theirs.get("error", "no status")})
                 continue
@@ -1433,7 +1436,9 @@ class Daemon:
 
     def status_line(self) -> str:
         if self.readers is not None:
-            return self._status_line_of(self._all_status())
+            # The housekeeper's: never waits on a reader (one stopped or stuck would hold the
+            # deadlines up); it uses what they said last (vetd/readers.py polls them).
+            return self._status_line_of(self._all_status(self.readers.latest))
         self._fold_answers()
         s = self.stats
         degraded = sum(s.degraded.values())
@@ -1521,6 +1526,7 @@ class Daemon:
                                self.group.features, self._peer_pipes, self._own_pid)
         self._peer_pipes = []
         self.readers.wait_ready()
+        self.readers.poll_status(self.state.config.daemon.status_interval_s)
         pids = sorted(self.own_pids)
         for reply in self.readers.ask_all("own", pids=pids):
             if reply.get("ok") is not True:
@@ -2043,7 +2049,13 @@ class Daemon:
                     self._apply_reloads()
                 if now >= next_watchdog:
                     busy = self._reader_busy()
-                    if self._reader_alive and (not busy or now - busy < 2 * watchdog_s):
+                    silent = self.readers.silent_s(now) if self.readers is not None else 0.0
+                    if silent > 2 * watchdog_s:
+                        # Stopped or stuck: the opens it holds wait for it, and only the whole
+                        # service going (systemd's watchdog kills it) lets them through.
+                        log.error("a reader process has not answered for %.1fs: withholding "
+                                  "WATCHDOG=1", silent)
+                    elif self._reader_alive and (not busy or now - busy < 2 * watchdog_s):
                         self.notifier.watchdog()
                     else:
                         log.error("read loop stuck on one batch for %.1fs: withholding WATCHDOG=1",

@@ -144,9 +144,29 @@ class Readers:
             else:
                 os.close(w)
 
+        self.latest: list[dict[str, Any]] = [{"error": "no status yet"} for _ in self.children]
+        self.heard = [time.monotonic() for _ in self.children]  # when each last answered
+        self._stopping = False
+
     @property
     def pids(self) -> list[int]:
         return [c.pid for c in self.children]
+
+    def poll_status(self, interval_s: float) -> None:
+        """Keep `latest` (each reader's last status) fresh on a thread of its own, for the
+        status line: the housekeeper must not wait on a reader that is stopped or stuck."""
+        def poll() -> None:
+            while not self._stopping:
+                try:
+                    self.latest = self.ask_all("status")
+                except (OSError, ValueError):  # a socket closed by stop()
+                    return
+                now = time.monotonic()
+                for k, reply in enumerate(self.latest):
+                    if "answers" in reply:
+                        self.heard[k] = now
+                time.sleep(interval_s)
+        threading.Thread(target=poll, name="vetd-readers-status", daemon=True).start()
 
     def wait_ready(self) -> None:
         """Each reader says it is ready (its plugins built, its groups marked) or why not."""
@@ -189,6 +209,10 @@ class Readers:
             if reply.get("id", 0) == want:
                 return reply
 
+    def silent_s(self, now: float) -> float:
+        """How long the most silent reader has not answered a status question."""
+        return max((now - t for t in self.heard), default=0.0)
+
     def dead(self) -> list[_Child]:
         """Readers that have exited (their pidfd is readable)."""
         if not self.children:
@@ -198,6 +222,7 @@ class Readers:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM each reader (each answers what it holds) and reap it; SIGKILL the slow."""
+        self._stopping = True
         for c in self.children:
             try:
                 os.kill(c.pid, signal.SIGTERM)
