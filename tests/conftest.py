@@ -118,7 +118,7 @@ def ext4_image(tmp_path: Path):
 TEST_PLUGINS = textwrap.dedent('''
     """Misbehaving scanners for vetd's tests."""
     import os, time
-    from vetd.sdk import API_VERSION, Plugin, Verdict
+    from vetd.sdk import API_VERSION, Plugin, PluginConfigError, Verdict
 
     class Sleepy(Plugin):
         name = "sleepy"
@@ -177,6 +177,17 @@ TEST_PLUGINS = textwrap.dedent('''
                 return Verdict.deny("marker")
             return Verdict.allow()
 
+    class OnlyUnderSystemd(Plugin):
+        """Refuses to start without NOTIFY_SOCKET: the first process has it, a reader not."""
+        name = "onlyundersystemd"
+        api_version = API_VERSION
+        def __init__(self, config):
+            super().__init__(config)
+            if not os.environ.get("NOTIFY_SOCKET"):
+                raise PluginConfigError("not under systemd")
+        def scan(self, file, opener):
+            return Verdict.allow()
+
     class Raises(Plugin):
         name = "raises"
         api_version = API_VERSION
@@ -231,7 +242,8 @@ def plugin_site(tmp_path: Path) -> Path:
         "counter = vetd_testplugins:Counter\nexereader = vetd_testplugins:ExeReader\n"
         "flaky = vetd_testplugins:Flaky\nslowdeny = vetd_testplugins:SlowDeny\n"
         "garbage = vetd_testplugins:Garbage\nlagging = vetd_testplugins:Lagging\n"
-        "whoami = vetd_testplugins:WhoAmI\ndeadlineprobe = vetd_testplugins:DeadlineProbe\n")
+        "whoami = vetd_testplugins:WhoAmI\ndeadlineprobe = vetd_testplugins:DeadlineProbe\n"
+        "onlyundersystemd = vetd_testplugins:OnlyUnderSystemd\n")
     return site
 
 

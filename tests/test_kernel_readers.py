@@ -321,6 +321,17 @@ def test_a_stopped_reader_withholds_the_watchdog_until_it_answers_again(tmpfs, v
     v.wait_message("WATCHDOG=1", after=len(v.messages), timeout=15)
 
 
+def test_a_reader_that_cannot_start_stops_vetd_with_its_reason_and_no_mark_left(tmpfs, vetd_factory,
+                                                                               plugin_site):
+    (tmpfs / "a").write_text("a\n")
+    v = vetd_factory([tmpfs], extra=TWO, pythonpath=plugin_site, plugins="[plugins.onlyundersystemd]\n")
+    v.start(wait_ready=False)
+    assert v.proc.wait(60) == 1
+    assert "did not start: [plugins.onlyundersystemd] not under systemd" in v.log_text()
+    assert "Traceback" not in v.log_text()
+    assert open_as_child(tmpfs / "a") == "OK"
+
+
 def test_readers_refuse_to_combine_with_scan_processes(tmpfs, vetd_factory):
     v = vetd_factory([tmpfs], extra=TWO + "\n[scan]\nprocesses = 1\n")
     r = subprocess.run([sys.executable, "-m", "vetd", "--config", str(v.config)], capture_output=True,

@@ -52,6 +52,7 @@ def run(config, watch_override) -> int:  # type: ignore[no-untyped-def]
     from .daemon import Daemon
     from .fanotify import FanotifyError
     from .plugins import PluginError
+    from .readers import ReaderError
     from .rules import RuleError
     log = logging.getLogger("vetd")
     if os.geteuid() != 0:
@@ -71,6 +72,6 @@ def run(config, watch_override) -> int:  # type: ignore[no-untyped-def]
         return 1
     try:
         return daemon.run(watch_override)
-    except ControlError as e:
+    except (ControlError, ReaderError) as e:
         log.error("%s", e)
         return 1

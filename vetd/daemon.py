@@ -37,7 +37,8 @@ from .logsetup import format_exception_safely, set_level
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
 from .procwatch import Proc, ProcWatch
-from .readers import EXEC, OWN, RELOAD_TIMEOUT_S, Peers, Readers, merge_status, peer_pipes
+from .readers import (EXEC, OWN, RELOAD_TIMEOUT_S, Peers, ReaderError, Readers, merge_status,
+                      peer_pipes)
 from .relay import ReadRelay
 from .notify import Notifier
 from .degraded import Breaker, Policy
@@ -1530,7 +1531,7 @@ class Daemon:
         pids = sorted(self.own_pids)
         for reply in self.readers.ask_all("own", pids=pids):
             if reply.get("ok") is not True:
-                raise RuntimeError(f"a reader did not take vetd's pids: {reply.get('error')}")
+                raise ReaderError(f"a reader did not take vetd's pids: {reply.get('error')}")
         log.info("reading in %d processes: %s", self.readers_n,
                  ", ".join(str(p) for p in [os.getpid(), *self.readers.pids]))
 

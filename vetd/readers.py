@@ -57,6 +57,10 @@ ASK_TIMEOUT_S = 2.0                # a status question; a reload waits as long a
 RELOAD_TIMEOUT_S = 50.0           # within the control socket's 60 s for a reload
 
 
+class ReaderError(RuntimeError):
+    """A reader process did not start, or would not take what it was told."""
+
+
 class Peers:
     """Notes between reader processes: one pipe per process, read by its owner, written by
     every other (a note is one atomic write of less than PIPE_BUF). Exec events (see above),
@@ -173,7 +177,7 @@ class Readers:
         for c in self.children:
             reply = self._recv(c, READY_TIMEOUT_S)
             if reply.get("ready") is not True:
-                raise RuntimeError(f"reader {c.index} (pid {c.pid}) did not start: "
+                raise ReaderError(f"reader {c.index} (pid {c.pid}) did not start: "
                                    f"{reply.get('error', 'no word from it')}")
 
     def ask_all(self, op: str, timeout_s: float = ASK_TIMEOUT_S, **args: Any) -> list[dict[str, Any]]:
@@ -300,7 +304,7 @@ def _merge_rows(have: list[Any], value: list[Any], ident: str) -> None:
 # --------------------------------------------------------------------- a reader ------------------
 def serve(args: argparse.Namespace) -> int:
     from . import fanotify as fan
-    from .config import ConfigError, load
+    from .config import load
     from .daemon import Daemon
     from .logsetup import setup
 
@@ -314,7 +318,7 @@ def serve(args: argparse.Namespace) -> int:
         group = fan.Group(args.gfd, features)
         peers = Peers(args.inbox, [int(x) for x in args.outboxes.split(",") if x])
         daemon = Daemon(config, group=group, peers=peers)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # whatever it was, the first process says it and stops
         ctl.send(json.dumps({"ready": False, "error": str(e)}).encode())
         return 2
     threading.Thread(target=_answer_parent, args=(daemon, ctl), name="vetd-reader-ctl",
