@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EICAR, exec_as_child, open_as_child, wait_for
+from conftest import EICAR, _mount_tmpfs, _umount, exec_as_child, open_as_child, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -330,6 +330,42 @@ def test_a_reader_that_cannot_start_stops_vetd_with_its_reason_and_no_mark_left(
     assert "did not start: [plugins.onlyundersystemd] not under systemd" in v.log_text()
     assert "Traceback" not in v.log_text()
     assert open_as_child(tmpfs / "a") == "OK"
+
+
+def _mark_devs(pid: int) -> set[int]:
+    """The filesystems (kernel dev numbers) of every fanotify mark pid's fds hold."""
+    devs = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            text = open(f"/proc/{pid}/fdinfo/{fd}").read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("fanotify ") and "sdev:" in line:
+                devs.add(int(line.split("sdev:")[1].split()[0], 16))
+    return devs
+
+
+def test_a_reload_keeps_every_reader_on_the_watch_override(tmpfs, vetd_factory, tmp_path):
+    """--watch replaces the configured watch list; a reader's change group must stay on it
+    across a reload, as the first process's marks do. The file names a second tmpfs of the
+    test's own, which nothing may mark."""
+    other = tmp_path / "other"
+    _mount_tmpfs(other)
+    try:
+        st = os.stat(tmpfs)
+        here = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+        v = vetd_factory([other], extra=TWO)
+        v.start("--watch", str(tmpfs))
+        child = reader_pids(v)[1]
+        assert _mark_devs(child) == {here} and _mark_devs(v.proc.pid) == {here}
+        n = len(v.messages)
+        v.signal(signal.SIGHUP)
+        v.wait_message("READY=1", after=n)
+        assert _mark_devs(child) == {here} and _mark_devs(v.proc.pid) == {here}
+        v.stop()
+    finally:
+        _umount(other)
 
 
 def test_readers_refuse_to_combine_with_scan_processes(tmpfs, vetd_factory):

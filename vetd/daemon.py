@@ -1502,9 +1502,12 @@ class Daemon:
             self._shutdown()
         return self.exit_code
 
-    def run_reader(self, ready: Callable[[], None]) -> int:
+    def run_reader(self, ready: Callable[[], None],
+                   watch_override: tuple[str, ...] | None = None) -> int:
         """A reader process's life (vetd/readers.py): follow the marks, say ready, read until
-        told to stop. SIGHUP is the first process's: it passes reloads on."""
+        told to stop. SIGHUP is the first process's: it passes reloads on. `watch_override`
+        is the first process's --watch, kept across reloads as there."""
+        self._watch_override = watch_override
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)

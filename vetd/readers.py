@@ -323,7 +323,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     threading.Thread(target=_answer_parent, args=(daemon, ctl), name="vetd-reader-ctl",
                      daemon=True).start()
-    return daemon.run_reader(lambda: ctl.send(json.dumps({"ready": True}).encode()))
+    return daemon.run_reader(lambda: ctl.send(json.dumps({"ready": True}).encode()),
+                             tuple(args.watch) if args.watch else None)
 
 
 def _answer_parent(daemon: Any, ctl: socket.socket) -> None:
