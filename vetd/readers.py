@@ -150,6 +150,7 @@ class Readers:
 
         self.latest: list[dict[str, Any]] = [{"error": "no status yet"} for _ in self.children]
         self.heard = [time.monotonic() for _ in self.children]  # when each last answered
+        self._reloading = 0
         self._stopping = False
 
     @property
@@ -165,10 +166,6 @@ class Readers:
                     self.latest = self.ask_all("status")
                 except (OSError, ValueError):  # a socket closed by stop()
                     return
-                now = time.monotonic()
-                for k, reply in enumerate(self.latest):
-                    if "answers" in reply:
-                        self.heard[k] = now
                 time.sleep(interval_s)
         threading.Thread(target=poll, name="vetd-readers-status", daemon=True).start()
 
@@ -184,14 +181,26 @@ class Readers:
         """Send one request to every reader and collect the replies ({"error": ...} for one
         that did not answer in time)."""
         replies: list[dict[str, Any]] = []
-        for c in self.children:
-            with c.lock:
+        for k, c in enumerate(self.children):
+            # A reader busy with a reload (which can take a while: its plugins are rebuilt)
+            # answers no status question meanwhile: what it said last stands in.
+            if not c.lock.acquire(timeout=0.2 if op == "status" else -1):
+                replies.append(self.latest[k])
+                continue
+            try:
+                if op == "reload":
+                    self._reloading += 1
                 c.asked += 1
-                try:
-                    c.sock.send(json.dumps({"op": op, "id": c.asked, **args}).encode())
-                    replies.append(self._recv(c, timeout_s, c.asked))
-                except OSError as e:
-                    replies.append({"error": f"reader {c.index}: {e.strerror}"})
+                c.sock.send(json.dumps({"op": op, "id": c.asked, **args}).encode())
+                replies.append(self._recv(c, timeout_s, c.asked))
+                if "answers" in replies[-1] or op == "reload":
+                    self.heard[k] = time.monotonic()  # it answered: it is alive
+            except OSError as e:
+                replies.append({"error": f"reader {c.index}: {e.strerror}"})
+            finally:
+                if op == "reload":
+                    self._reloading -= 1
+                c.lock.release()
         return replies
 
     @staticmethod
@@ -214,7 +223,10 @@ class Readers:
                 return reply
 
     def silent_s(self, now: float) -> float:
-        """How long the most silent reader has not answered a status question."""
+        """How long the most silent reader has not answered a question (0 while a reload,
+        which may be slow, is waited for)."""
+        if self._reloading:
+            return 0.0
         return max((now - t for t in self.heard), default=0.0)
 
     def dead(self) -> list[_Child]:
