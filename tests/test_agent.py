@@ -704,12 +704,14 @@ def test_agentkit_refuses_to_steal_a_live_socket(in_thread):
 
 # --- vetd on the real kernel, denying through an agent --------------------------------------------
 @pytest.mark.kernel
+@pytest.mark.parametrize("readers", [1, 2])
 @pytest.mark.parametrize("kind", ["python", "c"])
-def test_vetd_denies_eicar_through_an_agent_and_allows_a_clean_file(kind, tmpfs, vetd_factory, spawn):
+def test_vetd_denies_eicar_through_an_agent_and_allows_a_clean_file(kind, tmpfs, vetd_factory, spawn,
+                                                                    readers):
     agent = spawn(kind)
     (tmpfs / "eicar.com").write_bytes(EICAR)
     (tmpfs / "ok.txt").write_text("hello\n")
-    v = vetd_factory([tmpfs], plugins=f'[plugins.vendor]\nuse = "agent"\nsocket = "{agent.socket}"\n'
+    v = vetd_factory([tmpfs], extra=f"readers = {readers}\n", plugins=f'[plugins.vendor]\nuse = "agent"\nsocket = "{agent.socket}"\n'
                                       'timeout_s = 3\n').start()
     assert open_as_child(tmpfs / "eicar.com") == "EPERM"
     assert open_as_child(tmpfs / "ok.txt") == "OK"
@@ -720,10 +722,11 @@ def test_vetd_denies_eicar_through_an_agent_and_allows_a_clean_file(kind, tmpfs,
 
 
 @pytest.mark.kernel
-def test_vetd_applies_the_failure_policy_when_the_agent_is_down(tmpfs, vetd_factory, spawn):
+@pytest.mark.parametrize("readers", [1, 2])
+def test_vetd_applies_the_failure_policy_when_the_agent_is_down(tmpfs, vetd_factory, spawn, readers):
     agent = spawn("python")
     (tmpfs / "ok.txt").write_text("hello\n")
-    v = vetd_factory([tmpfs], extra='[scan]\non_error = "deny"',
+    v = vetd_factory([tmpfs], extra=f'readers = {readers}\n[scan]\non_error = "deny"',
                      plugins=f'[plugins.vendor]\nuse = "agent"\nsocket = "{agent.socket}"\n').start()
     agent.kill()
     assert open_as_child(tmpfs / "ok.txt") == "EPERM"

@@ -26,12 +26,13 @@ def timed_open(path):
     return out, time.monotonic() - t0
 
 
-def test_a_path_class_overrides_the_failure_policy(tmpfs, vetd_factory, plugin_site):
+@pytest.mark.parametrize("readers", [1, 2])
+def test_a_path_class_overrides_the_failure_policy(tmpfs, vetd_factory, plugin_site, readers):
     (tmpfs / "www").mkdir()
     (tmpfs / "www" / "index.html").write_text("<html>")
     (tmpfs / "notes.txt").write_text("notes")
     v = vetd_factory([tmpfs], pythonpath=plugin_site,
-                     extra=f'[scan]\non_error = "allow"\n[[degraded.class]]\nname = "web"\n'
+                     extra=f'readers = {readers}\n[scan]\non_error = "allow"\n[[degraded.class]]\nname = "web"\n'
                            f'paths = ["{tmpfs}/www/**"]\non_failure = "deny"\n',
                      plugins="[plugins.raises]\n").start()
     assert open_as_child(tmpfs / "www" / "index.html") == "EPERM"
@@ -39,9 +40,11 @@ def test_a_path_class_overrides_the_failure_policy(tmpfs, vetd_factory, plugin_s
     assert v.status()["degraded"]["error"] == 2
 
 
-def test_a_plugin_deadline_shorter_than_the_event_deadline_is_kept(tmpfs, vetd_factory, plugin_site):
+@pytest.mark.parametrize("readers", [1, 2])
+def test_a_plugin_deadline_shorter_than_the_event_deadline_is_kept(tmpfs, vetd_factory, plugin_site,
+                                                                   readers):
     (tmpfs / "f").write_text("x")
-    v = vetd_factory([tmpfs], pythonpath=plugin_site, extra="[scan]\ndeadline_ms = 20000",
+    v = vetd_factory([tmpfs], pythonpath=plugin_site, extra=f"readers = {readers}\n[scan]\ndeadline_ms = 20000",
                      plugins='[plugins.sleepy]\nseconds = 30\ndeadline_ms = 200\non_failure = "deny"\n'
                      ).start()
     out, took = timed_open(tmpfs / "f")
@@ -153,11 +156,12 @@ def test_a_flood_larger_than_the_backlog_is_answered_on_time(tmpfs, vetd_factory
     assert v.proc.poll() is None
 
 
+@pytest.mark.parametrize("readers", [1, 2])
 @pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])
 def test_a_plugin_answering_garbage_is_a_failure_answered_by_policy(tmpfs, vetd_factory, plugin_site,
-                                                                   policy, expected):
+                                                                   policy, expected, readers):
     (tmpfs / "f").write_text("x")
-    v = vetd_factory([tmpfs], pythonpath=plugin_site,
+    v = vetd_factory([tmpfs], pythonpath=plugin_site, extra=f"readers = {readers}\n",
                      plugins=f'[plugins.garbage]\nanswer = "allow"\non_failure = "{policy}"\n').start()
     assert open_as_child(tmpfs / "f") == expected
     assert plugin(v, "garbage")["errors"] == 1

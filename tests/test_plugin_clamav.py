@@ -490,12 +490,14 @@ def test_vetd_denies_signed_files_and_allows_clean_ones(tmpfs, vetd_factory, cla
 @needs_clamd
 @needs_clamd
 @pytest.mark.kernel
+@pytest.mark.parametrize("readers", [1, 2])
 @pytest.mark.parametrize("policy,expected", [("deny", "EPERM"), ("allow", "OK")])
 def test_vetd_with_a_frozen_clamd_answers_by_on_error_in_time(tmpfs, vetd_factory, clamd, policy,
-                                                               expected):
+                                                               expected, readers):
     (tmpfs / "clean.txt").write_text("clean\n")
     (tmpfs / "later.txt").write_text("clean too\n")
-    v = vetd_factory([tmpfs], extra=f'[scan]\ndeadline_ms = 20000\non_error = "{policy}"',
+    v = vetd_factory([tmpfs], extra=f'readers = {readers}\n'
+                                    f'[scan]\ndeadline_ms = 20000\non_error = "{policy}"',
                      plugins=clamav_table(clamd, timeout_s=1.0)).start()
     with clamd.frozen_for_test():
         t0 = time.monotonic()
@@ -525,11 +527,13 @@ def test_vetd_deadline_shorter_than_the_plugin_timeout_answers_by_on_timeout(tmp
 
 @needs_clamd
 @pytest.mark.kernel
-def test_vetd_starts_with_clamd_down_and_recovers_when_it_comes_back(tmpfs, vetd_factory, clamd):
+@pytest.mark.parametrize("readers", [1, 2])
+def test_vetd_starts_with_clamd_down_and_recovers_when_it_comes_back(tmpfs, vetd_factory, clamd,
+                                                                    readers):
     (tmpfs / "signed.txt").write_bytes(SIGNED)
     (tmpfs / "clean.txt").write_text("clean\n")
     clamd.kill()
-    v = vetd_factory([tmpfs], extra='[scan]\non_error = "deny"',
+    v = vetd_factory([tmpfs], extra=f'readers = {readers}\n[scan]\non_error = "deny"',
                      plugins=clamav_table(clamd, timeout_s=2.0)).start()
     v.wait_log("not answering")
     assert open_as_child(tmpfs / "clean.txt") == "EPERM"       # degraded: the policy says deny
