@@ -32,3 +32,7 @@ def test_unit_is_notify_type_with_watchdog_reload_and_hardening():
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_SYS_ADMIN",
                  "ExecStartPre=/usr/local/bin/vetd --check-config"):
         assert line in text, line
+    # readers die with the first process and are restarted with it; procwatch needs netlink
+    assert "Restart=on-failure" in text
+    families = next(ln for ln in text.splitlines() if ln.startswith("RestrictAddressFamilies="))
+    assert {"AF_UNIX", "AF_NETLINK"} <= set(families.split("=", 1)[1].split())
