@@ -610,12 +610,14 @@ def test_reader_status_sums_counters_and_keeps_settings():
             "cache": {"entries": 2, "hit_rate": 0.5, "generation": 4},
             "backlog": {"limit": 10, "depth": 1, "read_loop": "waiting"},
             "hot_path": {"busy_poll": {"max_us": 100, "spent_s": 0.25}},
-            "plugins": [{"name": "yara", "health": "closed", "scans": 5, "failures_in_a_row": 0}]}
+            "plugins": [{"name": "yara", "health": "healthy", "scans": 5, "failures_in_a_row": 0},
+                        {"name": "clamav", "health": "unhealthy", "scans": 2, "failures_in_a_row": 5}]}
     theirs = {"pid": 2, "answers": {"allow": 4, "deny": 0, "by_reason": {"scan": 2, "cache": 2}},
               "cache": {"entries": 5, "hit_rate": 0.9, "generation": 4},
               "backlog": {"limit": 10, "depth": 2, "read_loop": "working"},
               "hot_path": {"busy_poll": {"max_us": 100, "spent_s": 0.5}},
-              "plugins": [{"name": "yara", "health": "open", "scans": 1, "failures_in_a_row": 6}],
+              "plugins": [{"name": "yara", "health": "probing", "scans": 1, "failures_in_a_row": 6},
+                          {"name": "clamav", "health": "healthy", "scans": 3, "failures_in_a_row": 0}],
               "rules": {"hits": [{"rule": 1, "hits": 2}, {"rule": 3, "hits": 1}]}}
     mine["rules"] = {"hits": [{"rule": 3, "hits": 4}]}
     merge_status(mine, theirs)
@@ -624,5 +626,7 @@ def test_reader_status_sums_counters_and_keeps_settings():
     assert mine["cache"] == {"entries": 7, "hit_rate": 0.5, "generation": 4}
     assert mine["backlog"] == {"limit": 10, "depth": 3, "read_loop": "waiting"}
     assert mine["hot_path"]["busy_poll"] == {"max_us": 100, "spent_s": 0.75}
-    assert mine["plugins"] == [{"name": "yara", "health": "open", "scans": 6, "failures_in_a_row": 6}]
+    assert mine["plugins"] == [  # counts add up; health and failures are the worst reader's
+        {"name": "yara", "health": "probing", "scans": 6, "failures_in_a_row": 6},
+        {"name": "clamav", "health": "unhealthy", "scans": 5, "failures_in_a_row": 5}]
     assert mine["rules"]["hits"] == [{"rule": 1, "hits": 2}, {"rule": 3, "hits": 5}]

@@ -1436,29 +1436,17 @@ class Daemon:
         return mine
 
     def status_line(self) -> str:
-        if self.readers is not None:
-            # The housekeeper's: never waits on a reader (one stopped or stuck would hold the
-            # deadlines up); it uses what they said last (vetd/readers.py polls them).
-            return self._status_line_of(self._all_status(self.readers.latest))
-        self._fold_answers()
-        s = self.stats
-        degraded = sum(s.degraded.values())
-        sick = [n for n, b in self.state.breakers.items() if b.state != Breaker.CLOSED]
-        health = f"; UNHEALTHY: {', '.join(sick)}" if sick else ""
-        return (f"{s.permission + self._flags[FLAG_SEEN]} events: {s.allow + s.fast_hits + s.table_answers} allowed, "
-                f"{s.deny} denied, {degraded} degraded; "
-                f"cache {self._hit_rate(s.table_by_reason.get('cache', 0)):.0%} hits, {s.kernel_marks} kernel marks; "
-                f"backlog {self.pool.depth}{health}")
-
-    @staticmethod
-    def _status_line_of(s: dict[str, Any]) -> str:
-        """The service status line from a (summed) status: the same words as status_line."""
+        """The service status line, from the (summed) status. The housekeeper's: it never waits
+        on a reader (one stopped or stuck would hold the deadlines up), it uses what they said
+        last (vetd/readers.py polls them)."""
+        s = self._all_status(self.readers.latest if self.readers is not None else None)
         sick = [p["name"] for p in s["plugins"] if p["health"] != Breaker.CLOSED]
         health = f"; UNHEALTHY: {', '.join(sick)}" if sick else ""
+        readers = f"; {len(s['readers'])} readers" if "readers" in s else ""
         return (f"{s['events']['permission']} events: {s['answers']['allow']} allowed, "
                 f"{s['answers']['deny']} denied, {sum(s['degraded'].values())} degraded; "
                 f"cache {s['cache']['hit_rate']:.0%} hits, {s['cache']['kernel_marks']} kernel marks; "
-                f"backlog {s['backlog']['depth']}{health}; {len(s.get('readers', ()))} readers")
+                f"backlog {s['backlog']['depth']}{health}{readers}")
 
     # ------------------------------------------------------------------ the loop ----------------
     def _reader_busy(self) -> float:

@@ -273,6 +273,8 @@ _NOT_SUMMED = frozenset({"pid", "uptime_s", "version", "mode", "config", "featur
 
 # Lists of rows, matched up by this key: plugins by name, rule hits by rule number.
 _ROW_KEYS = {"plugins": "name", "hits": "rule"}
+# A plugin's health across readers is the worst of theirs (degraded.Breaker's states).
+_HEALTH_RANK = {"healthy": 0, "probing": 1, "unhealthy": 2}
 
 
 def merge_status(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
@@ -305,7 +307,7 @@ def _merge_rows(have: list[Any], value: list[Any], ident: str) -> None:
             by_id[row.get(ident)] = have[-1]
             continue
         merge_status(mine, row)
-        if "health" in row and row["health"] != "closed":  # the worst health of any reader
+        if _HEALTH_RANK.get(row.get("health"), -1) > _HEALTH_RANK.get(mine.get("health"), -1):
             mine["health"] = row["health"]
         if "failures_in_a_row" in row:
             mine["failures_in_a_row"] = max(mine.get("failures_in_a_row", 0), row["failures_in_a_row"])
