@@ -2,7 +2,7 @@
 
 Why: in one Python process two cold scans meet at the GIL at every system call either makes,
 and where idle CPUs halt each meeting is a slow thread wake-up; two openers on a cold tree got
-no more files per second than one (docs/architecture.md, "Reading in several processes"). With
+no more files per second than one (docs/architecture.md, "Using two cores"). With
 N processes reading the same group fd, each event goes whole to one of them: it decides it,
 scans it inline and answers it, with its own interpreter and no hand-off on the way.
 
