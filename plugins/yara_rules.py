@@ -9,6 +9,7 @@ with `Rules.match(data=...)`; the file is never opened or matched by path.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 import mmap
@@ -237,7 +238,18 @@ def _compile(by_namespace: dict[str, list[str]], externals: dict[str, Any]) -> y
         raise PluginConfigError(f"rules: cannot compile: {e}") from None
     for warning in rules.warnings:
         log.warning("%s", _where(warning))
-    return rules
+    return _compact(rules)
+
+
+def _compact(rules: yara.Rules) -> yara.Rules:
+    """The same rules, saved and loaded again in memory. Compiled rules keep the compiler's
+    arena, slack included: 8.2 MiB of anonymous memory for the one bundled EICAR rule here,
+    which every reader process holds; loaded from their 5 KiB saved form they take 0.1 MiB.
+    Externals' definitions travel with the saved rules."""
+    buf = io.BytesIO()
+    rules.save(file=buf)
+    buf.seek(0)
+    return yara.load(file=buf)
 
 
 def _where(message: str) -> str:
