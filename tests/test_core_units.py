@@ -144,27 +144,45 @@ def test_subject_is_not_read_when_no_process_exclusion():
 
 
 # --- cache ----------------------------------------------------------------------------------------
+def _ver(mtime_ns: int, ctime_ns: int, size: int) -> int:
+    from vetd.cache import file_version
+    return file_version(os.stat_result((0o100644, 1, 1, 1, 0, 0, size, 0, 0, 0, 0, 0, 0,
+                                        mtime_ns, ctime_ns, 0)))
+
+
 def test_cache_hits_only_the_same_version_and_generation():
     c = VerdictCache(10)
-    c.store((1, 2), (10, 20, 30), Verdict.allow(), c.generation)
-    assert c.lookup((1, 2), (10, 20, 30)) is not None
-    assert c.lookup((1, 2), (10, 21, 30)) is None
+    k12, v = (1 << 64) | 2, _ver(10, 20, 30)
+    c.store(k12, v, Verdict.allow(), c.generation)
+    assert c.lookup(k12, v) is not None
+    assert c.lookup(k12, _ver(10, 21, 30)) is None
     c.bump_generation()
-    assert c.lookup((1, 2), (10, 20, 30)) is None
-    c.store((1, 2), (10, 20, 30), Verdict.allow(), c.generation - 1)  # a scan from before a reload
-    assert c.lookup((1, 2), (10, 20, 30)) is None
-    c.store((1, 3), (1, 1, 1), Verdict.deny("x", cacheable=False), c.generation)
-    assert c.lookup((1, 3), (1, 1, 1)) is None
+    assert c.lookup(k12, v) is None
+    c.store(k12, v, Verdict.allow(), c.generation - 1)  # a scan from before a reload
+    assert c.lookup(k12, v) is None
+    c.store(3, _ver(1, 1, 1), Verdict.deny("x", cacheable=False), c.generation)
+    assert c.lookup(3, _ver(1, 1, 1)) is None
     assert c.hits == 1 and c.misses == 4
 
 
-def test_cache_is_bounded_lru_and_invalidates():
+def test_a_version_keeps_ctime_and_size_for_times_before_1970():
+    """A negative time OR-ed in whole would set every bit above it: the version would then
+    ignore ctime and size, and a changed file keep its old verdict."""
+    old = _ver(-1_000_000_000, 5, 10)
+    assert old != _ver(-1_000_000_000, 6, 10) and old != _ver(-1_000_000_000, 5, 11)
+    c = VerdictCache(4)
+    c.store(1, old, Verdict.allow(), c.generation)
+    assert c.lookup(1, old) is not None and c.lookup(1, _ver(-1_000_000_000, 6, 10)) is None
+
+
+def test_cache_is_bounded_and_invalidates():
     c = VerdictCache(2)
+    v = _ver(0, 0, 0)
     for i in range(3):
-        c.store((0, i), (0, 0, 0), Verdict.allow(), c.generation)
-    assert len(c) == 2 and c.lookup((0, 0), (0, 0, 0)) is None
-    c.invalidate((0, 2))
-    assert c.lookup((0, 2), (0, 0, 0)) is None
+        c.store(i, v, Verdict.allow(), c.generation)
+    assert len(c) == 2 and c.lookup(0, v) is None
+    c.invalidate(2)
+    assert c.lookup(2, v) is None
 
 
 def test_cache_ttl_expires(monkeypatch):
@@ -172,10 +190,45 @@ def test_cache_ttl_expires(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(vc.time, "monotonic", lambda: now[0])
     c = VerdictCache(4)
-    c.store((0, 1), (0, 0, 0), Verdict.allow(ttl_s=5), c.generation)
-    assert c.lookup((0, 1), (0, 0, 0)) is not None
+    v = _ver(0, 0, 0)
+    c.store(1, v, Verdict.allow(ttl_s=5), c.generation)
+    assert c.lookup(1, v) is not None
     now[0] += 6
-    assert c.lookup((0, 1), (0, 0, 0)) is None
+    assert c.lookup(1, v) is None
+
+
+def test_cache_entries_keep_verdict_kernel_flag_and_identity():
+    c = VerdictCache(8)
+    v = _ver(7, 8, 9)
+    deny = Verdict.deny("sig: Eicar")
+    c.store(1, v, deny, c.generation)
+    c.store(2, v, Verdict.allow("clean"), c.generation)
+    e = c.entry(1, v)
+    assert e.verdict == deny and e.kernel and e.version == v
+    c.not_for_kernel(2)
+    e2 = c.entry(2, v)
+    assert e2.verdict.reason == "clean" and not e2.kernel
+    assert c.still(2, v, e2)
+    c.store(2, v, Verdict.allow("other"), c.generation)
+    assert not c.still(2, v, e2)          # replaced by another verdict
+    assert c.clean_entry(1, v) is None and c.clean_entry(2, v).verdict.reason == "other"
+
+
+def test_a_cached_verdict_costs_little_memory():
+    """Every reader holds its share of the cache: at 100,000 entries an OrderedDict of tuples
+    cost 318 bytes an entry, the packed form 171."""
+    def anon_kib() -> int:
+        with open("/proc/self/smaps_rollup") as f:
+            return sum(int(ln.split()[1]) for ln in f if ln.startswith("Anonymous:"))
+    n = 100_000
+    c = VerdictCache(n)
+    clean = Verdict.allow("clean")
+    before = anon_kib()
+    for i in range(n):
+        c.store((0x2D00000 << 64) | (1_000_000 + i), _ver(1_733_100_000_123_456_789 + i,
+                1_733_100_000_123_456_789 + i, 4096), clean, c.generation)
+    per_entry = (anon_kib() - before) * 1024 / n
+    assert len(c) == n and per_entry < 220, f"{per_entry:.0f} bytes per entry"
 
 
 # --- verdicts -------------------------------------------------------------------------------------
@@ -389,12 +442,12 @@ def test_isolation_keys_are_validated():
     assert cfg.parse('[plugins.x]\nisolation = "process"\nprocesses = 3').plugins["x"]["processes"] == 3
 
 
-def test_lru_evicts_the_least_recently_used_and_reads_refresh():
-    from vetd.cache import Lru
-    lru: Lru[int, str] = Lru(2)
+def test_clock_evicts_what_was_not_read_and_reads_refresh():
+    from vetd.cache import Clock
+    lru: Clock[int, str] = Clock(2)
     lru.put(1, "a")
     lru.put(2, "b")
-    assert lru.get(1) == "a"      # 1 is now the most recent
+    assert lru.get(1) == "a"      # 1 was read: it gets a second chance
     lru.put(3, "c")               # so 2 goes
     assert lru.get(2) is None and lru.get(1) == "a" and lru.get(3) == "c"
     assert lru.peek(1) == "a" and len(lru) == 2
@@ -402,6 +455,19 @@ def test_lru_evicts_the_least_recently_used_and_reads_refresh():
     assert lru.get(9) is None
     lru.pop(1)
     assert [k for k, _ in lru.items()] == [3]
+
+
+def test_clock_stays_bounded_when_keys_are_dropped_and_stored_again():
+    from vetd.cache import Clock
+    c: Clock[int, int] = Clock(4)
+    for i in range(1000):
+        c.put(i % 8, i)
+        c.get(i % 8)
+        if i % 3 == 0:
+            c.pop(i % 8)
+    assert len(c) <= 4
+    assert len(c._ring) <= 2 * 4 + 64 + 1 and len(c._hot) <= 4 + 64 + 1
+    assert {k for k, _ in c.items()} == set(c._d)
 
 
 def test_rule_outcomes_are_remembered_only_on_facts_kept_current():

@@ -86,6 +86,7 @@ class Statx:
 def key_and_version(t: tuple[int, ...]) -> tuple[int, int]:
     """cache.file_key and cache.file_version of the same file, from a Statx.raw tuple."""
     dev = os.makedev(t[DEV_MAJOR], t[DEV_MINOR])
+    m64 = 0xFFFF_FFFF_FFFF_FFFF  # times as unsigned fields, as file_version has them
     return ((dev << 64) | t[INO],
-            (t[MTIME_S] * 1_000_000_000 + t[MTIME_NS])
-            | ((t[CTIME_S] * 1_000_000_000 + t[CTIME_NS]) << 64) | (t[SIZE] << 128))
+            ((t[MTIME_S] * 1_000_000_000 + t[MTIME_NS]) & m64)
+            | (((t[CTIME_S] * 1_000_000_000 + t[CTIME_NS]) & m64) << 64) | (t[SIZE] << 128))
