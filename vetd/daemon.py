@@ -34,6 +34,7 @@ from .control import ControlServer
 from .exclusions import Exclusions
 from .fastanswers import SLOT_CACHE, SLOT_EXCLUDED, SLOT_RULE0, FastAnswers, hotpath
 from .logsetup import format_exception_safely, set_level
+from .memtrim import release_free_memory
 from .model import FileObject, Subject
 from .isolate import IsolatedPlugin
 from .procwatch import Proc, ProcWatch
@@ -1296,7 +1297,8 @@ class Daemon:
                 self.group.flush_ignores()
                 self._sync_marks()
                 self.config_path = new.config.path
-                threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+                threading.Thread(target=self._retire, args=([old],), daemon=True).start()
+                del old
                 log.info("%s (generation %d)", msg, gen)
             with self._reload_lock:
                 self._reloading = False
@@ -1307,14 +1309,18 @@ class Daemon:
                 else:
                     done.set_result(msg)
 
-    def _retire(self, old: State) -> None:
-        """Close replaced plugins once scans that may still use them have had their deadline."""
+    def _retire(self, holder: list[State]) -> None:
+        """Close replaced plugins once scans that may still use them have had their deadline,
+        then let their memory go (the state comes in a list so that nothing else holds it)."""
+        old = holder.pop()
         time.sleep(old.deadline_s + 1.0)
         for plugin in old.plugins:
             try:
                 plugin.close()
             except Exception as e:
                 log.error("closing plugin %s: %s", plugin.name, e)
+        del old
+        release_free_memory()  # the replaced plugins' memory (rules, lists), now free
 
     # ------------------------------------------------------------------ control -----------------
     def _reload_cmd(self, args: dict[str, Any]) -> str:
@@ -1475,6 +1481,7 @@ class Daemon:
             self._shutdown()
             raise
         self._sync_marks()
+        release_free_memory()  # start-up's freed heap, before it is carried for vetd's life
         if not self.marked:
             log.warning("no filesystem is marked: nothing will be vetted (check [daemon] watch)")
         self.notifier.ready(self.status_line())
@@ -1500,6 +1507,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._sync_marks()
+        release_free_memory()
         ready()
         log.info("reading with %d plugin(s): %s", len(self.state.plugins),
                  ", ".join(p.name for p in self.state.plugins) or "none")
