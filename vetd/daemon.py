@@ -598,11 +598,9 @@ class Daemon:
                 if kind != EXEC:  # another reader's own child (an isolated plugin's process)
                     self._own_pid(pid, kind == OWN, tell=False)
                     continue
-                if len(self._exec_opens) > 4096:
-                    self._exec_opens.clear()
+                self._expect_exec_open(pid, key)
                 if len(self._noted_execs) > 4096:
                     self._noted_execs.clear()
-                self._exec_opens[pid] = key
                 self._noted_execs[pid] = key
                 self.stats.exec_notes_in += 1
 
@@ -787,15 +785,19 @@ class Daemon:
             os.close(pidfd)
 
     # ------------------------------------------------------------------ the hot path ------------
+    def _expect_exec_open(self, pid: int, key: int) -> None:
+        """pid's next open of file `key` completes its exec (bounded: an exec that never opens)."""
+        if len(self._exec_opens) > 4096:
+            self._exec_opens.clear()
+        self._exec_opens[pid] = key
+
     def _pair_exec(self, mask: int, pid: int, key: int) -> str | None:
         """The op for the rules when an event belongs to an exec, else None.
 
         An execve raises an exec event and then, for the same open, a plain open event: that
         second one is part of the exec, not a read, so rules see it as "exec"."""
         if mask & fan.FAN_OPEN_EXEC_PERM and not mask & fan.FAN_OPEN_PERM:
-            if len(self._exec_opens) > 4096:
-                self._exec_opens.clear()
-            self._exec_opens[pid] = key
+            self._expect_exec_open(pid, key)
             if self.peers is not None:  # before it is answered: the open comes after that
                 self.peers.tell_exec(pid, key)
             return "exec"
@@ -1423,18 +1425,19 @@ class Daemon:
         mine = self.status()
         if self.readers is None:
             return mine
-        each = [{"pid": os.getpid(), "allow": mine["answers"]["allow"], "deny": mine["answers"]["deny"],
-                 "generation": mine["config"]["generation"]}]
+        def word(pid: int, st: dict[str, Any]) -> dict[str, Any]:
+            if "answers" not in st:
+                return {"pid": pid, "error": st.get("error", "no status")}
+            return {"pid": pid, "allow": st["answers"]["allow"], "deny": st["answers"]["deny"],
+                    "generation": st["config"]["generation"]}
+
+        each = [word(os.getpid(), mine)]  # before the others' counters are added in
         if replies is None:
             replies = self.readers.ask_all("status")
         for c, theirs in zip(self.readers.children, replies):
-            if "answers" not in theirs:
-                each.append({"pid": c.pid, "error": theirs.get("error", "no status")})
-                continue
-            merge_status(mine, theirs)
-            each.append({"pid": c.pid, "allow": theirs["answers"]["allow"],
-                         "deny": theirs["answers"]["deny"],
-                         "generation": theirs["config"]["generation"]})
+            each.append(word(c.pid, theirs))
+            if "answers" in theirs:
+                merge_status(mine, theirs)
         cache = mine["cache"]
         total = cache["hits"] + cache["misses"]
         cache["hit_rate"] = round(cache["hits"] / total, 4) if total else 0.0
@@ -1993,9 +1996,12 @@ class Daemon:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         poller.register(self._mountinfo.fileno(), select.POLLPRI | select.POLLERR)
+        # What the read loop applies before each batch, drained here when no batch comes. Each
+        # is flagged for the read loop while it runs: it may find a queue drained by this
+        # thread before what it voids is cleared, and then waits for the lock.
+        side: dict[int, Callable[[], None]] = {}
         if self.moves is not None:
-            poller.register(self.moves.fd, select.POLLIN)
-        side = {}  # other readers' news, for when no batch comes to apply it
+            side[self.moves.fd] = lambda: self._moves_seen(self.state)
         if self.changes is not None:
             side[self.changes.fd] = self._changes_seen
         if self.peers is not None:
@@ -2021,14 +2027,6 @@ class Daemon:
                             os.read(self._wake_r, 4096)
                         except BlockingIOError:
                             pass
-                    elif self.moves is not None and fd == self.moves.fd:
-                        # Flagged for the read loop: it may find the queue drained by this
-                        # thread before the memo is cleared, and then waits for the lock.
-                        self._flags[FLAG_MOVES] = 1
-                        try:
-                            self._moves_seen(self.state)
-                        finally:
-                            self._flags[FLAG_MOVES] = 0
                     elif fd in side:
                         self._flags[FLAG_MOVES] = 1
                         try:

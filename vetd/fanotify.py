@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 # --- event mask bits -------------------------------------------------------------------------
@@ -347,6 +348,18 @@ class Group:
             self.fd = -1
 
 
+def _reads_until_empty(fd: int, buf: bytearray) -> Iterator[int]:
+    """Read a non-blocking notification group into buf until it is empty: each read's length."""
+    while True:
+        try:
+            n = os.readv(fd, [buf])
+        except BlockingIOError:
+            return
+        if n <= 0:
+            return
+        yield n
+
+
 class MoveGroup:
     """A notification group that reports directory-entry moves (renames) on whole filesystems.
 
@@ -382,16 +395,7 @@ class MoveGroup:
 
     def drain(self) -> int:
         """Read every queued event (their contents do not matter); the bytes read."""
-        total = 0
-        buf = self._buf
-        while True:
-            try:
-                n = os.readv(self.fd, [buf])
-            except BlockingIOError:
-                return total
-            if n <= 0:
-                return total
-            total += n
+        return sum(_reads_until_empty(self.fd, self._buf))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -439,13 +443,7 @@ class ChangeGroup:
         changed: list[os.stat_result] = []
         overflow = False
         buf = self._buf
-        while True:
-            try:
-                n = os.readv(self.fd, [buf])
-            except BlockingIOError:
-                return changed, overflow
-            if n <= 0:
-                return changed, overflow
+        for n in _reads_until_empty(self.fd, buf):
             for ev in parse_events(buf, n):
                 if ev.mask & FAN_Q_OVERFLOW:
                     overflow = True
@@ -456,6 +454,7 @@ class ChangeGroup:
                         pass
                     finally:
                         os.close(ev.fd)
+        return changed, overflow
 
     def close(self) -> None:
         if self.fd >= 0:
